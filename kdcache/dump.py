@@ -1,0 +1,217 @@
+"""Stage 1: run the teacher once over a dataset and write its sparse distributions to a cache."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .batching import collate, length_grouped_batches, model_inputs
+from .cache import CacheWriter
+from .cache import format as fmt
+from .config import DumpConfig
+from .data import check_columns, dataset_fingerprint, load_rows, resolve_columns, tokenize
+from .errors import KdcacheError
+from .losses import IGNORE_INDEX
+from .models import (
+    count_parameters,
+    detect_task,
+    load_config,
+    load_model,
+    load_tokenizer,
+    model_vocab_size,
+    quiet_transformers,
+    resolve_device,
+    resolve_dtype,
+    tokenizer_fingerprint,
+)
+from .sparse import topk_targets
+
+log = logging.getLogger("kdcache")
+
+T5_FAMILY = ("t5", "mt5", "umt5", "longt5")
+
+
+def default_prefix(model_type: str, prefix: str | None) -> str:
+    """``summarize: `` for T5-family models (their pretraining task prefix), "" for the rest."""
+    if prefix is not None:
+        return prefix
+    return "summarize: " if model_type in T5_FAMILY else ""
+
+
+@torch.inference_mode()
+def teacher_targets(
+    model: torch.nn.Module,
+    examples: list[dict[str, np.ndarray]],
+    task: str,
+    *,
+    k: int,
+    vocab_size: int,
+    pad_id: int,
+    decoder_start_id: int | None,
+    device: torch.device,
+) -> dict[str, np.ndarray]:
+    """Teacher forward on one batch → sparse targets for every distilled position, on the host.
+
+    Returns ``ids`` (T, k), ``logprobs`` (T, k) float32, ``tail`` (T,), ``entropy`` (T,) in the
+    order of the examples' concatenated labels (T = total labels). Log-softmax and top-k run on
+    the device; only these (T, k)-sized tensors cross to the host.
+    """
+    batch = collate(examples, task, pad_id, decoder_start_id)
+    logits = model(**model_inputs(batch, task, device)).logits  # (B, S, V_model)
+    # Rows of distilled positions, example-major, in label order: the same order as the labels.
+    mask = (batch["labels"] != IGNORE_INDEX).to(device)
+    # Only the tokenizer's ids are real tokens; padded embedding rows (T5: 32128 vs 32100) are dropped,
+    # so teacher and student distributions live on the same vocabulary.
+    rows = logits[..., :vocab_size][mask]
+    t = topk_targets(rows, k)
+    return {
+        "ids": t.ids.cpu().numpy(),
+        "logprobs": t.logprobs.cpu().numpy(),
+        "tail": t.tail.cpu().numpy(),
+        "entropy": t.entropy.cpu().numpy(),
+    }
+
+
+def dump_teacher(cfg: DumpConfig) -> dict[str, Any]:
+    """Run ``cfg.model`` over ``cfg.dataset`` and write the cache at ``cfg.output``.
+
+    Everything that can be refused is checked before the teacher is loaded. Blocks already complete
+    in a partial cache made with the same parameters are kept (resume). Returns a summary dict.
+    """
+    cfg.validate()
+    quiet_transformers()
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    mconf = load_config(cfg.model, trust_remote_code=cfg.trust_remote_code, what="teacher")
+    task = detect_task(mconf, cfg.task)
+    tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    vocab = len(tok)
+    if cfg.topk > vocab:
+        raise KdcacheError(f"--topk {cfg.topk} exceeds the teacher's vocabulary ({vocab} tokens)")
+    prefix = default_prefix(getattr(mconf, "model_type", ""), cfg.prefix)
+    columns = resolve_columns(task, cfg.input_column, cfg.target_column, cfg.text_column)
+    ds = load_rows(cfg.dataset, cfg.dataset_config, cfg.split, cfg.limit)
+    check_columns(ds, columns, cfg.dataset)
+    data = tokenize(
+        ds, tok, task, columns, prefix=prefix,
+        max_input_length=cfg.max_input_length, max_target_length=cfg.max_target_length,
+    )
+    n = len(data)
+    num_blocks = -(-n // cfg.block_size)
+    params = {
+        "teacher": cfg.model,
+        "task": task,
+        "targets": "topk",
+        "k": cfg.topk,
+        "dtype": str(dtype).removeprefix("torch."),
+        "dataset": cfg.dataset,
+        "dataset_config": cfg.dataset_config,
+        "split": cfg.split,
+        "dataset_fingerprint": dataset_fingerprint(ds),
+        "columns": {"input": columns.input, "target": columns.target, "text": columns.text},
+        "prefix": prefix,
+        "max_input_length": cfg.max_input_length,
+        "max_target_length": cfg.max_target_length,
+        "limit": cfg.limit,
+        "block_size": cfg.block_size,
+        "tokenizer_fingerprint": tokenizer_fingerprint(tok),
+    }
+    meta = {
+        "format": fmt.FORMAT,
+        "format_version": fmt.FORMAT_VERSION,
+        "kdcache_version": __version__,
+        "task": task,
+        "targets": "topk",
+        "k": cfg.topk,
+        "vocab_size": vocab,
+        "index_dtype": fmt.index_dtype(vocab).name,
+        "teacher": {
+            "name": cfg.model,
+            "revision": getattr(mconf, "_commit_hash", None),
+            "model_type": getattr(mconf, "model_type", None),
+            "dtype": params["dtype"],
+        },
+        "tokenizer": {"fingerprint": params["tokenizer_fingerprint"], "name": cfg.model, "vocab_size": vocab},
+        "dataset": {
+            "name": cfg.dataset,
+            "config": cfg.dataset_config,
+            "split": cfg.split,
+            "fingerprint": params["dataset_fingerprint"],
+            "rows": len(ds),
+            "columns": params["columns"],
+        },
+        "prefix": prefix,
+        "max_input_length": cfg.max_input_length,
+        "max_target_length": cfg.max_target_length,
+        "block_size": cfg.block_size,
+        "num_blocks": num_blocks,
+        "num_examples": n,
+        "preprocessing": data.report(),
+        "params": params,
+    }
+    writer = CacheWriter(cfg.output, meta, overwrite=cfg.overwrite)
+    todo = [b for b in range(num_blocks) if not writer.block_complete(b)]
+    if writer.resumed:
+        log.info("resuming %s: %d of %d blocks already complete", cfg.output, num_blocks - len(todo), num_blocks)
+    if data.truncated_inputs or data.truncated_targets or data.skipped_empty:
+        log.warning(
+            "preprocessing: %d inputs truncated to %d tokens, %d targets truncated to %d tokens, %d empty examples skipped",
+            data.truncated_inputs, cfg.max_input_length, data.truncated_targets, cfg.max_target_length, data.skipped_empty,
+        )
+
+    model = load_model(cfg.model, task, dtype=dtype, trust_remote_code=cfg.trust_remote_code).to(device).eval()
+    if model_vocab_size(model) < vocab:
+        raise KdcacheError(f"teacher {cfg.model} has {model_vocab_size(model)} output rows but its tokenizer has {vocab} tokens")
+    decoder_start = getattr(model.config, "decoder_start_token_id", None)
+    tokens_todo = sum(len(data.labels[i]) for b in todo for i in range(b * cfg.block_size, min(n, (b + 1) * cfg.block_size)))
+    t_forward = time.perf_counter()
+    with tqdm(total=tokens_todo, desc="dump-teacher", unit="tok", unit_scale=True, disable=None) as bar:
+        for b in todo:
+            lo, hi = b * cfg.block_size, min(n, (b + 1) * cfg.block_size)
+            examples = [{"input_ids": data.input_ids[i], "labels": data.labels[i]} for i in range(lo, hi)]
+            per_example: list[dict[str, np.ndarray] | None] = [None] * len(examples)
+            lengths = [len(e["input_ids"]) + len(e["labels"]) for e in examples]
+            for idx in length_grouped_batches(lengths, cfg.batch_size):
+                out = teacher_targets(
+                    model, [examples[i] for i in idx], task, k=cfg.topk, vocab_size=vocab,
+                    pad_id=tok.pad_token_id, decoder_start_id=decoder_start, device=device,
+                )
+                off = 0
+                for i in idx:  # back from length order to example order
+                    m = len(examples[i]["labels"])
+                    per_example[i] = {key: arr[off : off + m] for key, arr in out.items()}
+                    off += m
+                bar.update(off)
+            writer.write_block(
+                b, lo,
+                input_ids=[e["input_ids"] for e in examples],
+                labels=[e["labels"] for e in examples],
+                target_ids=np.concatenate([p["ids"] for p in per_example]),
+                target_logprobs=np.concatenate([p["logprobs"] for p in per_example]),
+                tail_logprob=np.concatenate([p["tail"] for p in per_example]),
+                entropy=np.concatenate([p["entropy"] for p in per_example]),
+            )
+    elapsed = time.perf_counter() - t_forward
+    final = writer.finalize({"teacher": {**meta["teacher"], "parameters": count_parameters(model)}})
+    summary = {
+        "output": str(cfg.output),
+        "task": task,
+        "examples": n,
+        "tokens": final["tokens"],
+        "blocks_written": len(todo),
+        "blocks_total": num_blocks,
+        "tokens_per_s": tokens_todo / elapsed if elapsed > 0 else None,
+        "captured_mass_mean": final["captured_mass_mean"],
+        "entropy_mean": final["entropy_mean"],
+        "seconds": time.perf_counter() - t0,
+        **data.report(),
+    }
+    log.info("wrote %s: %d examples, %d distilled tokens, mean captured mass %.3f", cfg.output, n, final["tokens"], final["captured_mass_mean"])
+    return summary

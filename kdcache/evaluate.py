@@ -1,0 +1,143 @@
+"""Stage 3: generate with a model and score it (ROUGE via rouge-score; perplexity)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .batching import collate, length_grouped_batches, model_inputs
+from .config import EvalConfig
+from .data import Tokenized, check_columns, load_rows, resolve_columns, tokenize
+from .dump import default_prefix
+from .errors import KdcacheError
+from .losses import IGNORE_INDEX, cross_entropy_per_token
+from .models import (
+    detect_task,
+    load_config,
+    load_model,
+    load_tokenizer,
+    quiet_transformers,
+    resolve_device,
+)
+
+log = logging.getLogger("kdcache")
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+
+
+def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Mean ROUGE-1/2/L/Lsum F-measures (fractions), with Porter stemming, as computed by
+    Google's ``rouge-score``. ROUGE-Lsum treats newlines as sentence boundaries."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
+    for pred, ref in zip(predictions, references):
+        scores = scorer.score(ref, pred)
+        for key in ROUGE_TYPES:
+            totals[key] += scores[key].fmeasure
+    n = max(len(predictions), 1)
+    return {key: totals[key] / n for key in ROUGE_TYPES}
+
+
+@torch.inference_mode()
+def perplexity(model: torch.nn.Module, data: Tokenized, task: str, tok: Any, device: torch.device, batch_size: int) -> dict[str, float]:
+    """Token-level perplexity over the distilled positions (the target, or every next token of a
+    text): exp of the mean cross-entropy in nats over all tokens (not a mean of per-example values)."""
+    examples = [{"input_ids": a, "labels": b} for a, b in zip(data.input_ids, data.labels)]
+    total_nll, total_tokens = 0.0, 0
+    dec_start = getattr(model.config, "decoder_start_token_id", None)
+    vocab = len(tok)
+    for idx in tqdm(length_grouped_batches([len(e["input_ids"]) for e in examples], batch_size), desc="perplexity", disable=None, leave=False):
+        batch = collate([examples[i] for i in idx], task, tok.pad_token_id, dec_start)
+        logits = model(**model_inputs(batch, task, device)).logits
+        labels = batch["labels"].to(device)
+        nll = cross_entropy_per_token(logits, labels, vocab)
+        total_nll += float(nll[labels != IGNORE_INDEX].sum())
+        total_tokens += int((labels != IGNORE_INDEX).sum())
+    loss = total_nll / max(total_tokens, 1)
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": total_tokens}
+
+
+@torch.inference_mode()
+def generate(
+    model: torch.nn.Module, data: Tokenized, task: str, tok: Any, device: torch.device, cfg: EvalConfig
+) -> list[str]:
+    """Generate a continuation for each example's input; batched, in length order, returned in example order.
+
+    Causal prompts are left-padded so every row's generation starts right after its prompt.
+    """
+    prompts = []
+    for ids, labels in zip(data.input_ids, data.labels):
+        prompts.append(ids if task == "seq2seq" else ids[: len(ids) - len(labels)])
+    preds: list[str] = [""] * len(prompts)
+    gen_kwargs = {"num_beams": cfg.num_beams, "max_new_tokens": cfg.max_new_tokens, "do_sample": False, "pad_token_id": tok.pad_token_id}
+    for idx in tqdm(length_grouped_batches([len(p) for p in prompts], cfg.batch_size), desc="generate", disable=None, leave=False):
+        L = max(len(prompts[i]) for i in idx)
+        input_ids = torch.full((len(idx), L), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), L), dtype=torch.long)
+        for r, i in enumerate(idx):
+            p = torch.as_tensor(np.asarray(prompts[i], dtype=np.int64))
+            if task == "seq2seq":
+                input_ids[r, : len(p)], mask[r, : len(p)] = p, 1
+            else:
+                input_ids[r, L - len(p) :], mask[r, L - len(p) :] = p, 1
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), **gen_kwargs)
+        if task == "causal":
+            out = out[:, L:]
+        for r, text in zip(idx, tok.batch_decode(out, skip_special_tokens=True)):
+            preds[r] = text.strip()
+    return preds
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    """Score ``cfg.model`` on ``cfg.dataset`` with ``cfg.metrics``; write ``results.json`` and
+    ``samples.jsonl`` under ``cfg.output`` when given. Returns {"results": {...}, "samples": [...]}."""
+    cfg.validate()
+    quiet_transformers()
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    mconf = load_config(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    task = detect_task(mconf, cfg.task)
+    tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    columns = resolve_columns(task, cfg.input_column, cfg.target_column, cfg.text_column)
+    if "rouge" in cfg.metrics and columns.text:
+        raise KdcacheError("--metric rouge needs a reference: give --input-column and --target-column (a text column has none)")
+    ds = load_rows(cfg.dataset, cfg.dataset_config, cfg.split, cfg.limit)
+    check_columns(ds, columns, cfg.dataset)
+    prefix = default_prefix(getattr(mconf, "model_type", ""), cfg.prefix)
+    data = tokenize(ds, tok, task, columns, prefix=prefix, max_input_length=cfg.max_input_length, max_target_length=cfg.max_target_length)
+    if data.truncated_inputs or data.skipped_empty:
+        log.warning("preprocessing: %d inputs truncated to %d tokens, %d empty examples skipped", data.truncated_inputs, cfg.max_input_length, data.skipped_empty)
+    model = load_model(cfg.model, task, trust_remote_code=cfg.trust_remote_code).to(device).eval()
+
+    results: dict[str, Any] = {}
+    predictions: list[str] | None = None
+    if "perplexity" in cfg.metrics:
+        ppl = perplexity(model, data, task, tok, device, cfg.batch_size)
+        results.update({"loss": ppl["loss"], "perplexity": ppl["perplexity"]})
+    if "rouge" in cfg.metrics:
+        predictions = generate(model, data, task, tok, device, cfg)
+        results.update(rouge(predictions, data.references))
+    results["examples"] = len(data)
+    samples = [
+        {"row": row, "prompt": p, "reference": r, **({"prediction": predictions[i]} if predictions is not None else {})}
+        for i, (row, p, r) in enumerate(zip(data.rows, data.prompts, data.references))
+    ]
+    if cfg.output:
+        out = Path(cfg.output)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        with (out / "samples.jsonl").open("w") as f:
+            for s in samples:
+                f.write(json.dumps(s, ensure_ascii=False) + "\n")
+    log.info("evaluated %s on %d examples in %.1f s", cfg.model, len(data), time.perf_counter() - t0)
+    return {"results": results, "samples": samples}

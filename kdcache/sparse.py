@@ -1,0 +1,87 @@
+"""Teacher logits → sparse targets, and re-tempering of sparse targets. Pure tensor maths, no I/O.
+
+A sparse target for one distilled position is the one shape every part of kdcache agrees on:
+
+- ``ids`` (k,): explicit token ids;
+- ``logprobs`` (k,): the teacher's log-probabilities of those ids at temperature 1
+  (``-inf`` marks an unused slot; its id is meaningless);
+- ``tail`` (): the log of the probability mass the explicit entries do not cover
+  (``-inf`` when they cover everything, e.g. k = vocabulary size).
+
+``exp(logprobs).sum() + exp(tail) == 1`` up to rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SparseTargets:
+    """A batch of N sparse targets.
+
+    ids: (N, k) int64; logprobs: (N, k) float32; tail: (N,) float32;
+    entropy: (N,) float32, the full distribution's entropy in nats (a statistic, not a target);
+    captured: (N,) float32, the mass the entries cover.
+    """
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    tail: torch.Tensor
+    entropy: torch.Tensor
+    captured: torch.Tensor
+
+
+@torch.no_grad()
+def topk_targets(logits: torch.Tensor, k: int, row_chunk: int = 1024) -> SparseTargets:
+    """Exact top-k of ``log_softmax(logits)`` plus the tail bucket, computed on ``logits``' device.
+
+    logits: (N, V), any float dtype; the softmax runs in float32 whatever the model's dtype,
+    because a bf16 log-softmax loses the small probabilities the tail is made of.
+    Rows are processed ``row_chunk`` at a time so the float32 copy stays bounded.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be (N, V), got {tuple(logits.shape)}")
+    n, vocab = logits.shape
+    if not 0 < k <= vocab:
+        raise ValueError(f"k must be in 1..{vocab}, got {k}")
+    parts: list[tuple[torch.Tensor, ...]] = []
+    for start in range(0, max(n, 1), row_chunk):
+        logp = torch.log_softmax(logits[start : start + row_chunk].float(), dim=-1)
+        entropy = -(logp.exp() * logp).nan_to_num(0.0).sum(-1)
+        top_lp, top_ids = logp.topk(k, dim=-1)
+        # The tail as a logsumexp over the remaining entries, not log(1 - sum(top)): when the
+        # head holds nearly all the mass, 1 - sum in float32 is mostly rounding error.
+        tail = torch.logsumexp(logp.scatter_(-1, top_ids, float("-inf")), dim=-1)
+        parts.append((top_ids, top_lp, tail, entropy, top_lp.exp().sum(-1)))
+    ids, lps, tails, ents, caps = (torch.cat(p) for p in zip(*parts))
+    return SparseTargets(ids=ids, logprobs=lps, tail=tails, entropy=ents, captured=caps)
+
+
+def retemper(
+    logprobs: torch.Tensor, tail: torch.Tensor, temperature: float, vocab_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse targets at temperature 1 → the same targets at ``temperature``, normalised.
+
+    logprobs: (..., k) with ``-inf`` in unused slots; tail: (...). Returns (logprobs_T, tail_T),
+    same shapes, with ``logsumexp(cat(logprobs_T, tail_T)) == 0``.
+
+    Explicit entries become ``logprob / T``. The tail's inner distribution is unknown, so it is taken
+    as spread evenly over the m = vocab_size - (used slots) ids it covers: each such id has
+    probability tail/m, which tempers to (tail/m)^(1/T), and the bucket's unnormalised log-mass is
+    ``log m + (log tail - log m) / T``. At T = 1 this is the identity; at T > 1 the bucket grows,
+    as the true tail would (flatter distributions move mass to the many small ids).
+    """
+    if temperature == 1.0:
+        return logprobs, tail
+    used = torch.isfinite(logprobs).sum(-1)
+    m = (vocab_size - used).clamp(min=1).to(logprobs.dtype)
+    log_m = torch.log(m)
+    has_tail = torch.isfinite(tail) & (vocab_size - used > 0)
+    tail_t = torch.where(has_tail, log_m + (tail - log_m) / temperature, torch.full_like(tail, -math.inf))
+    entries_t = logprobs / temperature
+    z = torch.logsumexp(torch.cat([entries_t, tail_t.unsqueeze(-1)], dim=-1), dim=-1)
+    return entries_t - z.unsqueeze(-1), tail_t - z

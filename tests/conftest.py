@@ -1,0 +1,97 @@
+"""Offline fixtures: tiny T5-style and GPT-2-style models with tokenizers trained on the fly from the
+Python standard library's source, saved with ``save_pretrained`` and loaded back through the same
+code path as hub models; and a small code → docstring dataset written as JSONL."""
+
+from __future__ import annotations
+
+import ast
+import json
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+MODULES = ["textwrap.py", "string.py", "shlex.py", "fnmatch.py", "glob.py", "heapq.py", "bisect.py", "colorsys.py", "calendar.py"]
+
+
+def stdlib_functions(limit: int = 80) -> list[dict[str, str]]:
+    """(function source, first docstring line) pairs from stdlib modules every Python install has."""
+    rows = []
+    for name in MODULES:
+        src = (STDLIB / name).read_text()
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, ast.FunctionDef) and ast.get_docstring(node):
+                summary = ast.get_docstring(node).strip().splitlines()[0]
+                code = ast.get_source_segment(src, node) or ""
+                if len(summary.split()) >= 3:
+                    rows.append({"article": code[:600], "highlights": summary, "text": code[:400]})
+    return rows[:limit]
+
+
+def _train_tokenizer(kind: str, vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    text = [(STDLIB / m).read_text() for m in MODULES]
+    specials = ["<pad>", "</s>", "<unk>"] if kind == "t5" else ["<|endoftext|>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>" if kind == "t5" else None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator(text, trainer)
+    if kind == "t5":
+        # T5's convention: every encoded sequence ends with </s>.
+        tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+
+
+def _t5(tok: PreTrainedTokenizerFast, d_model: int, layers: int, seed: int) -> T5ForConditionalGeneration:
+    torch.manual_seed(seed)
+    cfg = T5Config(
+        vocab_size=len(tok) + 16,  # padded past the tokenizer, like t5-small's 32128 vs 32100
+        d_model=d_model, d_kv=16, d_ff=2 * d_model, num_layers=layers, num_decoder_layers=layers, num_heads=2,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id,
+    )
+    return T5ForConditionalGeneration(cfg)
+
+
+def _gpt2(tok: PreTrainedTokenizerFast, d_model: int, layers: int, seed: int) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        vocab_size=len(tok), n_embd=d_model, n_layer=layers, n_head=2, n_positions=512,
+        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+    )
+    return GPT2LMHeadModel(cfg)
+
+
+def _save(model, tok, path: Path) -> str:
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> dict[str, str]:
+    """Paths of four saved models: t5_teacher, t5_student, gpt2_teacher, gpt2_student."""
+    root = tmp_path_factory.mktemp("models")
+    t5_tok, gpt_tok = _train_tokenizer("t5"), _train_tokenizer("gpt2")
+    return {
+        "t5_teacher": _save(_t5(t5_tok, 64, 2, 0), t5_tok, root / "t5_teacher"),
+        "t5_student": _save(_t5(t5_tok, 32, 1, 1), t5_tok, root / "t5_student"),
+        "gpt2_teacher": _save(_gpt2(gpt_tok, 64, 2, 2), gpt_tok, root / "gpt2_teacher"),
+        "gpt2_student": _save(_gpt2(gpt_tok, 32, 1, 3), gpt_tok, root / "gpt2_student"),
+    }
+
+
+@pytest.fixture(scope="session")
+def dataset_file(tmp_path_factory) -> str:
+    """A JSONL file with columns article (code), highlights (its docstring's first line) and text."""
+    path = tmp_path_factory.mktemp("data") / "functions.jsonl"
+    with path.open("w") as f:
+        for row in stdlib_functions(40):
+            f.write(json.dumps(row) + "\n")
+    return str(path)
