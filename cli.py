@@ -62,7 +62,10 @@ def app(debug: bool, log_level: str) -> None:
         handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
         log.addHandler(handler)
         log.propagate = False
-    log.setLevel(log_level.upper())
+    # The console shows --log-level and above; the logger itself passes everything, so the run's log
+    # files keep INFO records whatever the console shows.
+    log.handlers[0].setLevel(log_level.upper())
+    log.setLevel(logging.DEBUG)
 
 
 @app.command("dump-teacher")

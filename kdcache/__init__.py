@@ -9,29 +9,12 @@ __version__ = "0.1.0"
 
 from .cache import TeacherCache, open_cache  # noqa: E402
 from .config import DumpConfig, EvalConfig, TrainConfig  # noqa: E402
+from .dump import dump_teacher  # noqa: E402
 from .errors import KdcacheError  # noqa: E402
 
-
-def dump_teacher(cfg: DumpConfig) -> dict:
-    """Stage 1 (see :func:`kdcache.dump.dump_teacher`)."""
-    from .dump import dump_teacher as _run
-
-    return _run(cfg)
-
-
-def train_student(cfg: TrainConfig) -> dict:
-    """Stage 2 (see :func:`kdcache.train.train_student`)."""
-    from .train import train_student as _run
-
-    return _run(cfg)
-
-
-def evaluate(cfg: EvalConfig) -> dict:
-    """Stage 3 (see :func:`kdcache.evaluate.evaluate`)."""
-    from .evaluate import evaluate as _run
-
-    return _run(cfg)
-
+# Imported last and bound explicitly: the function `evaluate` must win over the submodule of the same name.
+from .evaluate import evaluate  # noqa: E402
+from .train import train_student  # noqa: E402
 
 __all__ = [
     "DumpConfig", "EvalConfig", "KdcacheError", "TeacherCache", "TrainConfig",

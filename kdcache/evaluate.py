@@ -51,16 +51,17 @@ def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
 @torch.inference_mode()
 def perplexity(model: torch.nn.Module, data: Tokenized, task: str, tok: Any, device: torch.device, batch_size: int) -> dict[str, float]:
     """Token-level perplexity over the distilled positions (the target, or every next token of a
-    text): exp of the mean cross-entropy in nats over all tokens (not a mean of per-example values)."""
+    text): exp of the mean cross-entropy in nats over all tokens (not a mean of per-example values).
+    The softmax runs over all the model's output rows, padded ones included, as transformers' own
+    loss does, so the numbers compare with other tools'."""
     examples = [{"input_ids": a, "labels": b} for a, b in zip(data.input_ids, data.labels)]
     total_nll, total_tokens = 0.0, 0
     dec_start = getattr(model.config, "decoder_start_token_id", None)
-    vocab = len(tok)
     for idx in tqdm(length_grouped_batches([len(e["input_ids"]) for e in examples], batch_size), desc="perplexity", disable=None, leave=False):
         batch = collate([examples[i] for i in idx], task, tok.pad_token_id, dec_start)
         logits = model(**model_inputs(batch, task, device)).logits
         labels = batch["labels"].to(device)
-        nll = cross_entropy_per_token(logits, labels, vocab)
+        nll = cross_entropy_per_token(logits, labels, logits.shape[-1])
         total_nll += float(nll[labels != IGNORE_INDEX].sum())
         total_tokens += int((labels != IGNORE_INDEX).sum())
     loss = total_nll / max(total_tokens, 1)

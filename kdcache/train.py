@@ -175,7 +175,10 @@ def train_student(cfg: TrainConfig) -> dict[str, Any]:
     log_dir.mkdir(parents=True, exist_ok=True)
     file_handler = logging.FileHandler(log_dir / "train.log")
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    file_handler.setLevel(logging.INFO)
     log.addHandler(file_handler)
+    if log.getEffectiveLevel() > logging.INFO:  # the log file records INFO even when the console does not
+        log.setLevel(logging.INFO)
     metrics_path = log_dir / "training_metrics.jsonl"
     metrics_file = metrics_path.open("w")
     log.info(
