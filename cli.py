@@ -138,6 +138,52 @@ def evaluate_cmd(**kw: Any) -> None:
         click.echo(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
 
 
+@app.command("inspect")
+@click.argument("cache")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+def inspect_cmd(cache: str, as_json: bool) -> None:
+    """Show what a cache holds: provenance, counts, size, target statistics, completion state."""
+    info = kdcache.inspect_cache(cache)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    teacher, tok, ds = info["teacher"] or {}, info["tokenizer"] or {}, info["dataset"] or {}
+
+    def num(x: Any, spec: str) -> str:
+        return "n/a" if x is None else format(x, spec)
+
+    rows = [
+        ("cache", info["path"]),
+        ("format", f"{info['format']} v{info['format_version']}"),
+        ("state", info["state"]),
+        ("task", info["task"]),
+        ("teacher", f"{teacher.get('name')} ({num(teacher.get('parameters'), ',')} parameters, {teacher.get('dtype')})"),
+        ("tokenizer", f"{tok.get('fingerprint')} ({tok.get('vocab_size')} tokens)"),
+        ("dataset", f"{ds.get('name')} config={ds.get('config')} split={ds.get('split')}"),
+        ("targets", f"{info['targets']}, k={info['k']}"),
+        ("examples", f"{info['examples']:,} of {info['examples_planned']:,}"),
+        ("distilled tokens", f"{info['tokens']:,}"),
+        ("bytes on disk", f"{info['bytes']:,} ({num(info['bytes_per_token'], '.1f')} per token)"),
+        ("captured mass", f"mean {num(info['captured_mass_mean'], '.4f')}, 5th percentile {num(info['captured_mass_p5'], '.3f')}"),
+        ("teacher entropy", f"mean {num(info['entropy_mean'], '.4f')} nats"),
+    ]
+    for key, value in rows:
+        click.echo(f"{key:<17} {value}")
+
+
+@app.command("verify")
+@click.argument("cache")
+def verify_cmd(cache: str) -> None:
+    """Read every chunk (checksums) and check counts, offsets and attributes. Exit 0 only if all is sound."""
+    problems = kdcache.verify_cache(cache)
+    for p in problems:
+        click.echo(f"problem: {p}", err=True)
+    if problems:
+        click.echo(f"{cache}: {len(problems)} problem(s) found", err=True)
+        sys.exit(1)
+    click.echo(f"{cache}: ok (every chunk read, checksums and structure sound)")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: user errors → one line on stderr and exit code 2."""
     args = list(sys.argv[1:] if argv is None else argv)

@@ -7,7 +7,7 @@ distributions to a Zarr cache; :func:`train_student` trains a student from the c
 
 __version__ = "0.1.0"
 
-from .cache import TeacherCache, open_cache  # noqa: E402
+from .cache import TeacherCache, inspect_cache, open_cache, verify_cache  # noqa: E402
 from .config import DumpConfig, EvalConfig, TrainConfig  # noqa: E402
 from .dump import dump_teacher  # noqa: E402
 from .errors import KdcacheError  # noqa: E402
@@ -18,5 +18,5 @@ from .train import train_student  # noqa: E402
 
 __all__ = [
     "DumpConfig", "EvalConfig", "KdcacheError", "TeacherCache", "TrainConfig",
-    "dump_teacher", "evaluate", "open_cache", "train_student", "__version__",
+    "dump_teacher", "evaluate", "inspect_cache", "open_cache", "train_student", "verify_cache", "__version__",
 ]

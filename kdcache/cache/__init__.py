@@ -2,6 +2,7 @@
 
 from .format import FORMAT, FORMAT_VERSION
 from .reader import Block, TeacherCache, open_cache
+from .report import inspect_cache, verify_cache
 from .writer import CacheWriter
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "Block", "CacheWriter", "TeacherCache", "open_cache"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "Block", "CacheWriter", "TeacherCache", "inspect_cache", "open_cache", "verify_cache"]

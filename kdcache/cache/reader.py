@@ -14,15 +14,14 @@ from ..errors import KdcacheError
 from . import format as fmt
 
 
-def _example(get: Any, inputs: slice, positions: slice) -> dict[str, np.ndarray]:
-    """One example's arrays; ``get(name)`` gives a block array (numpy or zarr, both slice alike)."""
-    return {
-        "input_ids": get(fmt.INPUT_IDS)[inputs],
-        "labels": get(fmt.LABELS)[positions],
-        "target_ids": get(fmt.TARGET_IDS)[positions],
-        "target_logprobs": get(fmt.TARGET_LOGPROBS)[positions],
-        "tail_logprob": get(fmt.TAIL_LOGPROB)[positions],
-    }
+# Keys of an example dict → the block array each is sliced from.
+_EXAMPLE_KEYS = {
+    "input_ids": fmt.INPUT_IDS,
+    "labels": fmt.LABELS,
+    "target_ids": fmt.TARGET_IDS,
+    "target_logprobs": fmt.TARGET_LOGPROBS,
+    "tail_logprob": fmt.TAIL_LOGPROB,
+}
 
 
 @dataclass
@@ -40,7 +39,7 @@ class Block:
         a = self.arrays
         i0, i1 = a[fmt.INPUT_OFFSETS][j : j + 2]
         t0, t1 = a[fmt.LABEL_OFFSETS][j : j + 2]
-        return _example(a.__getitem__, slice(i0, i1), slice(t0, t1))
+        return {key: a[name][i0:i1] if name == fmt.INPUT_IDS else a[name][t0:t1] for key, name in _EXAMPLE_KEYS.items()}
 
 
 class TeacherCache:
@@ -86,9 +85,34 @@ class TeacherCache:
     def _array(self, b: int, name: str) -> zarr.Array:
         return self.group[f"{fmt.block_name(b)}/{name}"]
 
+    def read_array(self, b: int, name: str, selection: Any = Ellipsis) -> np.ndarray:
+        """``blocks/b/name[selection]``. A chunk that fails its checksum or does not decode raises a
+        KdcacheError naming the array and the chunk, so a flipped byte never becomes a silent wrong number."""
+        arr = self._array(b, name)
+        try:
+            return arr[selection]
+        except Exception as exc:  # zarr surfaces codec failures as ValueError and friends
+            bad = self._find_bad_chunk(arr)
+            where = f"chunk {bad}" if bad else "a chunk"
+            raise KdcacheError(
+                f"corrupted cache: {self.path}/{fmt.block_name(b)}/{name} {where} cannot be read "
+                f"({type(exc).__name__}: {exc}); re-dump this cache (or restore it from a copy)"
+            ) from exc
+
+    @staticmethod
+    def _find_bad_chunk(arr: zarr.Array) -> str | None:
+        """Key of the first chunk of ``arr`` that fails to decode (arrays are chunked along axis 0 only)."""
+        step = arr.chunks[0]
+        for c in range(-(-arr.shape[0] // step) if arr.shape[0] else 0):
+            try:
+                arr[c * step : (c + 1) * step]
+            except Exception:
+                return "c/" + "/".join([str(c)] + ["0"] * (arr.ndim - 1))
+        return None
+
     def read_block(self, b: int) -> Block:
         """All arrays of block b, read whole (contiguous chunk reads)."""
-        arrays = {name: self._array(b, name)[...] for name in fmt.BLOCK_ARRAYS}
+        arrays = {name: self.read_array(b, name) for name in fmt.BLOCK_ARRAYS}
         return Block(start=self.block_range(b)[0], arrays=arrays)
 
     def iter_blocks(self, order: list[int] | None = None) -> Iterator[Block]:
@@ -103,11 +127,14 @@ class TeacherCache:
             raise IndexError(f"example {i} out of range for a cache of {n} examples")
         b, j = divmod(i, self.block_size)
         if b not in self._offsets:
-            self._offsets[b] = (self._array(b, fmt.INPUT_OFFSETS)[...], self._array(b, fmt.LABEL_OFFSETS)[...])
+            self._offsets[b] = (self.read_array(b, fmt.INPUT_OFFSETS), self.read_array(b, fmt.LABEL_OFFSETS))
         in_off, lab_off = self._offsets[b]
         inputs = slice(int(in_off[j]), int(in_off[j + 1]))
         positions = slice(int(lab_off[j]), int(lab_off[j + 1]))
-        return _example(lambda name: self._array(b, name), inputs, positions)
+        return {
+            key: self.read_array(b, name, inputs if name == fmt.INPUT_IDS else positions)
+            for key, name in _EXAMPLE_KEYS.items()
+        }
 
 
 def open_cache(path: str | Path, *, allow_incomplete: bool = False) -> TeacherCache:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -38,6 +39,23 @@ def read_root_attrs(path: str | Path) -> dict[str, Any] | None:
         return json.loads(meta.read_text()).get("attributes", {})
     except (OSError, ValueError):
         return None
+
+
+def _fsync_tree(path: Path) -> None:
+    """Flush every file under ``path`` and the directories themselves to stable storage, so that a
+    block marked complete survives a power loss, not only a killed process."""
+    for root, dirs, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _first_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
@@ -126,6 +144,7 @@ class CacheWriter:
         put(fmt.TAIL_LOGPROB, tail_logprob.astype(np.float32), fmt.TOKEN_CHUNK)
         captured = np.exp(target_logprobs.astype(np.float64)).sum(-1)
         hist = np.histogram(np.clip(captured, 0, 1), bins=HIST_BINS, range=(0.0, 1.0))[0]
+        _fsync_tree(self.path / fmt.block_name(b))
         # Written last: a block whose attributes say complete has all its arrays on storage.
         g.attrs.update(
             {
