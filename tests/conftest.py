@@ -68,6 +68,19 @@ def _gpt2(tok: PreTrainedTokenizerFast, d_model: int, layers: int, seed: int) ->
     return GPT2LMHeadModel(cfg)
 
 
+def run_cli(args, capsys) -> tuple[int, str, str]:
+    """Run the kdcache CLI in-process as a user would; returns (exit code, stdout, stderr)."""
+    from cli import main
+
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 def _save(model, tok, path: Path) -> str:
     model.save_pretrained(path)
     tok.save_pretrained(path)

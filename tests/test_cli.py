@@ -10,19 +10,9 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 from cli import main
+from conftest import run_cli as run
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def run(args, capsys):
-    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_seq2seq_end_to_end_through_the_console_script(models_dir, dataset_file, tmp_path):

@@ -13,21 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cli import main
+from conftest import run_cli as _cli
 from kdcache import DumpConfig, TrainConfig, dump_teacher, inspect_cache, open_cache, train_student, verify_cache
 from kdcache.errors import KdcacheError
 
 EXE = Path(sys.executable).parent / "kdcache"
-
-
-def _cli(args, capsys):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 def _same_arrays(a, b):
