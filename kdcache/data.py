@@ -55,14 +55,19 @@ def resolve_columns(task: str, input_column: str | None, target_column: str | No
 
 
 def load_rows(dataset: str, config: str | None = None, split: str = "train", limit: int | None = None):
-    """Load a ``datasets.Dataset`` from a local file, a ``save_to_disk`` folder, or the hub."""
+    """Load a ``datasets.Dataset`` from a built-in corpus (``builtin:NAME``), a local file, a
+    ``save_to_disk`` folder, or the hub."""
     import datasets
+
+    from . import corpora
 
     if not _is_tty():
         datasets.disable_progress_bars()
     p = Path(dataset).expanduser()
     try:
-        if p.is_file():
+        if dataset.startswith("builtin:"):
+            ds = datasets.Dataset.from_list(corpora.rows(dataset.removeprefix("builtin:"), split))
+        elif p.is_file():
             builder = LOCAL_BUILDERS.get(p.suffix.lower())
             if builder is None:
                 raise KdcacheError(f"unsupported dataset file {dataset}: use .json, .jsonl, .csv or .parquet")

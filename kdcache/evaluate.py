@@ -69,6 +69,31 @@ def perplexity(model: torch.nn.Module, data: Tokenized, task: str, tok: Any, dev
 
 
 @torch.inference_mode()
+def teacher_agreement(model: torch.nn.Module, cache: Any, device: torch.device, batch_size: int = 16) -> dict[str, float]:
+    """How often the model's most likely token is the teacher's, over every position of a cache
+    (the teacher's top-1 is the cache's first entry), plus the model's loss on the cache's labels.
+
+    Returns ``top1_agreement`` (fraction), ``loss`` (mean token cross-entropy, nats) and ``tokens``."""
+    task = cache.meta["task"]
+    pad = getattr(model.config, "pad_token_id", None) or 0  # only fills masked positions
+    dec_start = getattr(model.config, "decoder_start_token_id", None)
+    agree = nll = 0.0
+    tokens = 0
+    for block in cache.iter_blocks():
+        examples = [block.example(j) for j in range(len(block))]
+        for start in range(0, len(examples), batch_size):
+            batch = collate(examples[start : start + batch_size], task, pad, dec_start)
+            logits = model(**model_inputs(batch, task, device)).logits
+            labels = batch["labels"].to(device)
+            mask = labels != IGNORE_INDEX
+            top1 = logits[..., : int(cache.meta["vocab_size"])].argmax(-1)
+            agree += float((top1 == batch["target_ids"][..., 0].to(device))[mask].sum())
+            nll += float(cross_entropy_per_token(logits, labels, logits.shape[-1])[mask].sum())
+            tokens += int(mask.sum())
+    return {"top1_agreement": agree / max(tokens, 1), "loss": nll / max(tokens, 1), "tokens": tokens}
+
+
+@torch.inference_mode()
 def generate(
     model: torch.nn.Module, data: Tokenized, task: str, tok: Any, device: torch.device, cfg: EvalConfig
 ) -> list[str]:

@@ -50,6 +50,19 @@ def sparse_kl_per_token(
     exactly the dense KL. The student's log-softmax is taken once; no (B, S, V) teacher tensor exists.
     """
     s_logp = torch.log_softmax(student_logits[..., :vocab_size].float() / temperature, dim=-1)
+    return sparse_kl_from_logprobs(s_logp, target_ids, target_logprobs, tail_logprob, temperature, vocab_size)
+
+
+def sparse_kl_from_logprobs(
+    s_logp: torch.Tensor,
+    target_ids: torch.Tensor,
+    target_logprobs: torch.Tensor,
+    tail_logprob: torch.Tensor,
+    temperature: float,
+    vocab_size: int,
+) -> torch.Tensor:
+    """:func:`sparse_kl_per_token` from the student's log-probs at temperature T, (B, S, V), already
+    computed (the loss shares one log-softmax between KD and CE when T = 1)."""
     t_lp, t_tail = retemper(target_logprobs.float(), tail_logprob.float(), temperature, vocab_size)
     used = torch.isfinite(t_lp)
     s_ent = s_logp.gather(-1, target_ids)  # (B, S, k)
@@ -101,9 +114,14 @@ def distillation_loss(
     because it is the number every run reports.
     """
     mask = labels != IGNORE_INDEX
+    # One float32 log-softmax over the vocabulary serves CE and (at T = 1) KD: on a small student the
+    # (B, S, V) softmaxes, not the model, dominate the step.
+    logp = torch.log_softmax(student_logits[..., :vocab_size].float(), dim=-1)
+    safe_labels = labels.clamp(min=0).unsqueeze(-1)
+    ce = token_mean(-logp.gather(-1, safe_labels).squeeze(-1), mask)
     kd = student_logits.new_zeros((), dtype=torch.float32)
     if alpha != 0:
-        kl = sparse_kl_per_token(student_logits, target_ids, target_logprobs, tail_logprob, temperature, vocab_size)
+        s_logp = logp if temperature == 1.0 else torch.log_softmax(student_logits[..., :vocab_size].float() / temperature, dim=-1)
+        kl = sparse_kl_from_logprobs(s_logp, target_ids, target_logprobs, tail_logprob, temperature, vocab_size)
         kd = token_mean(kl, mask) * temperature**2
-    ce = token_mean(cross_entropy_per_token(student_logits, labels, vocab_size), mask)
     return LossParts(loss=alpha * kd + beta * ce, kd=kd.detach(), ce=ce.detach(), tokens=int(mask.sum()))
