@@ -165,6 +165,15 @@ def quickstart_cmd(budget: str, output: str, device: str, teacher: str | None, o
                f"models:  {out['paths']['student_kd']}/final_model, {out['paths']['student_ce']}/final_model")
 
 
+@app.command("plot")
+@click.argument("run_dir")
+def plot_cmd(run_dir: str) -> None:
+    """Redraw RUN_DIR/logs/curves.png from the run's training_metrics.json."""
+    from kdcache.plots import plot_run
+
+    click.echo(f"wrote {plot_run(run_dir)}")
+
+
 @app.command("inspect")
 @click.argument("cache")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")

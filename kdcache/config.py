@@ -70,25 +70,34 @@ class DumpConfig(DataOptions):
 class TrainConfig:
     """``kdcache train-student``: train a student from a cache; the teacher is never loaded."""
 
-    cache: str = ""
-    student: str = ""
-    output: str = "./distilled_model"
+    cache: str = "./teacher_cache"
+    student: str = "t5-small"
+    output: str = "./distilled_model"  # the run folder: final_model/, best_model/, checkpoints/, logs/
+    val_cache: str | None = None  # validation cache (dump-teacher --split validation)
     temperature: float = 4.0
     alpha: float = 0.7  # weight of the KD term (T² · KL)
     beta: float = 0.3  # weight of the cross-entropy term
     lr: float = 5e-5
     weight_decay: float = 0.0
-    warmup_steps: int = 0
+    warmup_steps: int = 500
     epochs: int = 3
     max_steps: int | None = None  # overrides epochs when set
     batch_size: int = 4
-    grad_accum: int = 1
+    grad_accum: int = 4
     max_grad_norm: float = 1.0
     seed: int = 42
     device: str = "auto"
     mixed_precision: bool = True  # bf16 autocast on GPUs that support it, else fp16 with a scaler; never on CPU
-    log_every: int = 10
+    log_every: int = 100
+    eval_steps: int = 500
+    save_steps: int = 1000
+    save_total_limit: int = 3  # checkpoints kept (oldest removed first)
+    patience: int | None = None  # evaluations without improvement before stopping early
+    resume: bool = False  # continue from the latest checkpoint in output/checkpoints
+    num_workers: int = 0  # DataLoader worker processes streaming the cache
     shuffle_buffer: int = 4096  # examples mixed across blocks
+    logs_dir: str | None = None  # default: output/logs
+    checkpoint_dir: str | None = None  # default: output/checkpoints
     trust_remote_code: bool = False
     overwrite: bool = False
 
@@ -101,11 +110,13 @@ class TrainConfig:
         _require(self.lr > 0, f"--lr must be positive (got {self.lr})")
         _require(self.epochs >= 1, f"--epochs must be at least 1 (got {self.epochs})")
         _require(self.max_steps is None or self.max_steps >= 1, f"--max-steps must be at least 1 (got {self.max_steps})")
-        _require(self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})")
-        _require(self.grad_accum >= 1, f"--grad-accum must be at least 1 (got {self.grad_accum})")
+        for name in ("batch_size", "grad_accum", "log_every", "eval_steps", "save_steps", "save_total_limit", "shuffle_buffer"):
+            value = getattr(self, name)
+            _require(value >= 1, f"--{name.replace('_', '-')} must be at least 1 (got {value})")
         _require(self.warmup_steps >= 0, f"--warmup-steps must not be negative (got {self.warmup_steps})")
+        _require(self.num_workers >= 0, f"--num-workers must not be negative (got {self.num_workers})")
         _require(self.max_grad_norm > 0, f"--max-grad-norm must be positive (got {self.max_grad_norm})")
-        _require(self.log_every >= 1, f"--log-every must be at least 1 (got {self.log_every})")
+        _require(self.patience is None or self.patience >= 1, f"--patience must be at least 1 (got {self.patience})")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

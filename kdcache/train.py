@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import time
@@ -57,6 +58,20 @@ class CacheStream(torch.utils.data.IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _order(self, epoch: int) -> tuple[np.random.Generator, list[int]]:
+        rng = np.random.default_rng((self.seed, epoch))
+        return rng, rng.permutation(self.cache.num_blocks).tolist()
+
+    def num_batches(self, epoch: int, batch_size: int, num_workers: int) -> int:
+        """Batches a DataLoader makes of this stream in ``epoch``: each worker batches its own blocks,
+        so with workers the count is a sum of per-worker ceilings."""
+        _, order = self._order(epoch)
+        total = 0
+        for w in range(max(num_workers, 1)):
+            n = sum(np.subtract(*self.cache.block_range(b)[::-1]) for b in order[w :: max(num_workers, 1)])
+            total += -(-int(n) // batch_size)
+        return total
+
     @property
     def cache(self) -> TeacherCache:
         if self._cache is None:  # opened lazily, once per worker process
@@ -64,8 +79,7 @@ class CacheStream(torch.utils.data.IterableDataset):
         return self._cache
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        rng = np.random.default_rng((self.seed, self.epoch))
-        order = rng.permutation(self.cache.num_blocks).tolist()
+        rng, order = self._order(self.epoch)
         info = torch.utils.data.get_worker_info()
         if info is not None:
             order = order[info.id :: info.num_workers]
@@ -118,31 +132,176 @@ def save_model_atomic(model: torch.nn.Module, tokenizer: Any, target: Path, over
         tmp.rename(target)
 
 
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: everything needed to continue exactly where a run stopped.
+
+CHECKPOINT_PREFIX = "checkpoint-step-"
+# Settings a resumed run must share with the run it continues, or the result would be neither.
+RESUME_KEYS = ("cache", "student", "temperature", "alpha", "beta", "lr", "weight_decay", "warmup_steps", "epochs",
+               "max_steps", "batch_size", "grad_accum", "seed", "shuffle_buffer", "num_workers")
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (a folder is renamed into place only once whole), oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    out = []
+    for p in ckpt_dir.iterdir():
+        suffix = p.name.removeprefix(CHECKPOINT_PREFIX)
+        if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit():
+            out.append((int(suffix), p))
+    return sorted(out)
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any,
+                    scaler: Any, state: dict[str, Any], keep: int) -> Path:
+    """Write ``checkpoint-step-N/`` (model as safetensors, optimizer, scheduler, scaler, RNG states,
+    trainer state with the data position) into a temporary folder, rename it into place, then drop
+    the oldest checkpoints beyond ``keep``."""
+    target = ckpt_dir / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = ckpt_dir / f".tmp-{CHECKPOINT_PREFIX}{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(scaler.state_dict(), tmp / "scaler.pt")
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, tmp / "rng_state.pt")
+    np_state = np.random.get_state()
+    _atomic_json(tmp / "trainer_state.json", {
+        **state, "python_rng": [list(random.getstate()[1]), random.getstate()[0], random.getstate()[2]],
+        "numpy_rng": [np_state[0], np_state[1].tolist(), *map(float, np_state[2:])],
+    })
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    for _, old in list_checkpoints(ckpt_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, scaler: Any) -> dict[str, Any]:
+    """Restore a checkpoint in place; returns its trainer state. Tensors are loaded with
+    ``weights_only=True``: a checkpoint is data, never code."""
+    # transformers' own loader knows which weights are tied (and stored once); copy its result in.
+    saved = type(model).from_pretrained(path, dtype=torch.float32)
+    model.load_state_dict(saved.state_dict())
+    del saved
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
+    rng = torch.load(path / "rng_state.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    state = json.loads((path / "trainer_state.json").read_text())
+    py = state.pop("python_rng")
+    random.setstate((py[1], tuple(py[0]), py[2]))
+    npr = state.pop("numpy_rng")
+    np.random.set_state((npr[0], np.asarray(npr[1], dtype=np.uint32), int(npr[2]), int(npr[3]), npr[4]))
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+
+
+@torch.inference_mode()
+def validate(model: Any, cache: TeacherCache, collate_fn: Any, cfg: TrainConfig, task: str, device: torch.device,
+             autocast: Any) -> dict[str, float]:
+    """The training loss on a validation cache, token-weighted over all of it: ``val_loss``,
+    ``val_kd_loss``, ``val_ce_loss``, ``val_perplexity`` (exp of the CE)."""
+    was_training = model.training
+    model.eval()
+    vocab = int(cache.meta["vocab_size"])
+    kd = ce = 0.0
+    tokens = 0
+    for block in cache.iter_blocks():
+        examples = [block.example(j) for j in range(len(block))]
+        for start in range(0, len(examples), cfg.batch_size):
+            batch = collate_fn(examples[start : start + cfg.batch_size])
+            with autocast():
+                logits = model(**model_inputs(batch, task, device)).logits
+            parts = distillation_loss(
+                logits, batch["labels"].to(device), batch["target_ids"].to(device), batch["target_logprobs"].to(device),
+                batch["tail_logprob"].to(device), alpha=cfg.alpha or 1.0, beta=cfg.beta, temperature=cfg.temperature,
+                vocab_size=vocab,
+            )
+            kd += float(parts.kd) * parts.tokens
+            ce += float(parts.ce) * parts.tokens
+            tokens += parts.tokens
+    model.train(was_training)
+    kd, ce = kd / max(tokens, 1), ce / max(tokens, 1)
+    return {"val_loss": cfg.alpha * kd + cfg.beta * ce, "val_kd_loss": kd, "val_ce_loss": ce,
+            "val_perplexity": math.exp(min(ce, 50.0))}
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+
+def _check_cache_fits(cache: TeacherCache, tok: Any, student: str, what: str = "cache") -> None:
+    meta = cache.meta
+    fp = tokenizer_fingerprint(tok)
+    if fp != meta["tokenizer"]["fingerprint"]:
+        raise KdcacheError(
+            f"student tokenizer ({student}, {len(tok)} tokens, {fp}) differs from the {what}'s "
+            f"({meta['tokenizer']['name']}, {meta['tokenizer']['vocab_size']} tokens, {meta['tokenizer']['fingerprint']}): "
+            "token ids would not mean the same strings; use a student that shares the teacher's tokenizer"
+        )
+
+
 def train_student(cfg: TrainConfig) -> dict[str, Any]:
-    """Train ``cfg.student`` on the cache at ``cfg.cache``; write ``final_model/`` and logs under
-    ``cfg.output``. Everything refusable is refused before the first step. Returns a summary."""
+    """Train ``cfg.student`` on the cache at ``cfg.cache``. Writes under ``cfg.output``: ``final_model/``,
+    ``best_model/`` (with a validation cache), ``checkpoints/``, ``logs/`` (main.log, training.log,
+    training_metrics.json and .jsonl, curves.png). Everything refusable is refused before the first
+    step. Returns a summary."""
     cfg.validate()
     quiet_transformers()
     cache = open_cache(cfg.cache)
+    val_cache = open_cache(cfg.val_cache) if cfg.val_cache else None
     meta = cache.meta
     out_dir = Path(cfg.output)
-    final_dir = out_dir / "final_model"
-    if final_dir.exists() and not cfg.overwrite:
-        raise KdcacheError(f"{final_dir} exists; pass --overwrite to replace it, or choose another --output")
+    final_dir, best_dir = out_dir / "final_model", out_dir / "best_model"
+    log_dir = Path(cfg.logs_dir) if cfg.logs_dir else out_dir / "logs"
+    ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else out_dir / "checkpoints"
+    checkpoints = list_checkpoints(ckpt_dir)
+    if cfg.resume and not checkpoints:
+        raise KdcacheError(f"--resume: no checkpoint in {ckpt_dir} to resume from")
+    if not cfg.resume and not cfg.overwrite:
+        if final_dir.exists():
+            raise KdcacheError(f"{final_dir} exists; pass --overwrite to replace it, --resume to continue its run, or choose another --output")
+        if checkpoints:
+            raise KdcacheError(f"{ckpt_dir} holds checkpoints of an earlier run; pass --resume to continue it or --overwrite to start over")
     device = resolve_device(cfg.device)
     sconf = load_config(cfg.student, trust_remote_code=cfg.trust_remote_code, what="student")
     task = meta["task"]
     if detect_task(sconf) != task:
         raise KdcacheError(f"the cache holds {task} targets but student {cfg.student} is a {detect_task(sconf)} model")
     tok = load_tokenizer(cfg.student, trust_remote_code=cfg.trust_remote_code)
-    fp = tokenizer_fingerprint(tok)
-    if fp != meta["tokenizer"]["fingerprint"]:
-        raise KdcacheError(
-            f"student tokenizer ({cfg.student}, {len(tok)} tokens, {fp}) differs from the cache's "
-            f"({meta['tokenizer']['name']}, {meta['tokenizer']['vocab_size']} tokens, {meta['tokenizer']['fingerprint']}): "
-            "token ids would not mean the same strings; use a student that shares the teacher's tokenizer"
-        )
+    _check_cache_fits(cache, tok, cfg.student)
+    if val_cache is not None:
+        _check_cache_fits(val_cache, tok, cfg.student, "validation cache")
     vocab = int(meta["vocab_size"])
+    resume_state = None
+    if cfg.resume:
+        resume_state = json.loads((checkpoints[-1][1] / "trainer_state.json").read_text())
+        old = resume_state.get("config", {})
+        diff = [k for k in RESUME_KEYS if old.get(k) != getattr(cfg, k)]
+        if diff:
+            k = diff[0]
+            raise KdcacheError(f"--resume: the checkpoint was made with {k}={old.get(k)!r}, this run has {k}={getattr(cfg, k)!r}; use the same settings")
+    if cfg.overwrite and not cfg.resume:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
 
     _seed_everything(cfg.seed)
     model = load_model(cfg.student, task, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
@@ -156,12 +315,18 @@ def train_student(cfg: TrainConfig) -> dict[str, Any]:
         collate, task=task, pad_id=tok.pad_token_id, decoder_start_id=getattr(model.config, "decoder_start_token_id", None)
     )
     loader = torch.utils.data.DataLoader(
-        stream, batch_size=cfg.batch_size, collate_fn=collate_fn, pin_memory=device.type == "cuda"
+        stream, batch_size=cfg.batch_size, collate_fn=collate_fn, pin_memory=device.type == "cuda",
+        num_workers=cfg.num_workers,
+        # zarr runs an event-loop thread; a forked worker would inherit a copy of it that never runs.
+        multiprocessing_context="spawn" if cfg.num_workers else None, persistent_workers=False,
+        # Its own generator: each new epoch iterator draws a seed, and drawing it from the global RNG
+        # would shift dropout's random stream between a resumed run and an uninterrupted one.
+        generator=torch.Generator().manual_seed(cfg.seed),
     )
-    micro_per_epoch = math.ceil(len(cache) / cfg.batch_size)
-    steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    epochs = math.ceil(total_steps / steps_per_epoch)
+    micro_per_epoch = [stream.num_batches(e, cfg.batch_size, cfg.num_workers) for e in range(cfg.epochs)]
+    steps_per_epoch = math.ceil(micro_per_epoch[0] / cfg.grad_accum)
+    total_steps = cfg.max_steps or sum(math.ceil(m / cfg.grad_accum) for m in micro_per_epoch)
+    epochs = cfg.epochs if not cfg.max_steps else max(cfg.epochs, math.ceil(total_steps / steps_per_epoch))
 
     no_decay = ("bias", "layer_norm.weight", "LayerNorm.weight", "ln_f.weight", "ln_1.weight", "ln_2.weight")
     groups = [
@@ -171,40 +336,63 @@ def train_student(cfg: TrainConfig) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type == "cuda")
     scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
 
-    log_dir = out_dir / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    file_handler = logging.FileHandler(log_dir / "train.log")
-    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    file_handler.setLevel(logging.INFO)
-    log.addHandler(file_handler)
-    if log.getEffectiveLevel() > logging.INFO:  # the log file records INFO even when the console does not
-        log.setLevel(logging.INFO)
-    metrics_path = log_dir / "training_metrics.jsonl"
-    metrics_file = metrics_path.open("w")
-    log.info(
-        "training %s on %s (%d examples, %s targets, k=%s) for %d steps on %s; T=%g alpha=%g beta=%g",
-        cfg.student, cfg.cache, len(cache), meta.get("targets", "topk"), meta["k"], total_steps, device,
-        cfg.temperature, cfg.alpha, cfg.beta,
-    )
+    step, start_epoch, skip_micro = 0, 0, 0
+    best, bad_evals, history = float("inf"), 0, []
+    if cfg.resume:
+        state = load_checkpoint(checkpoints[-1][1], model, optimizer, scheduler, scaler)
+        step, start_epoch, skip_micro = state["step"], state["epoch"], state["micro_in_epoch"]
+        best, bad_evals = state["best_val_loss"], state["evals_without_improvement"]
+        history = [h for h in state["log_history"] if h["step"] <= step]
 
-    step = 0
+    log_dir.mkdir(parents=True, exist_ok=True)
+    handlers = []
+    for name, target in (("kdcache", "main.log"), ("kdcache.training", "training.log")):
+        handler = logging.FileHandler(log_dir / target, mode="a" if cfg.resume else "w")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler.setLevel(logging.INFO)
+        logging.getLogger(name).addHandler(handler)
+        handlers.append((name, handler))
+    train_log = logging.getLogger("kdcache.training")
+    train_log.propagate = False  # metric lines go to training.log, not the console
+    for lg in (log, train_log):
+        if lg.getEffectiveLevel() > logging.INFO:  # the files record INFO even when the console does not
+            lg.setLevel(logging.INFO)
+    metrics_jsonl = (log_dir / "training_metrics.jsonl").open("w")
+    for h in history:
+        metrics_jsonl.write(json.dumps(h) + "\n")
+
+    def record(entry: dict[str, Any]) -> None:
+        history.append(entry)
+        metrics_jsonl.write(json.dumps(entry) + "\n")
+        metrics_jsonl.flush()
+        train_log.info(" ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
+
+    log.info(
+        "%s %s on %s (%d examples, %s targets, k=%s) for %d steps on %s; T=%g alpha=%g beta=%g",
+        "resuming" if cfg.resume else "training", cfg.student, cfg.cache, len(cache), meta.get("targets", "topk"),
+        meta["k"], total_steps, device, cfg.temperature, cfg.alpha, cfg.beta,
+    )
+    if cfg.resume:
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoints[-1][1], step, start_epoch, skip_micro)
+
     window = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "tokens": 0, "micro": 0}
     t_window = t_start = time.perf_counter()
     total_tokens = 0
-    last: dict[str, Any] = {}
+    stopped_early = False
+    grad_norm = 0.0
     try:
-        with tqdm(total=total_steps, desc="train-student", unit="step", disable=None) as bar:
-            for epoch in range(epochs):
+        with tqdm(total=total_steps, initial=step, desc="train-student", unit="step", disable=None) as bar:
+            for epoch in range(start_epoch, epochs):
                 stream.set_epoch(epoch)
+                n_micro = stream.num_batches(epoch, cfg.batch_size, cfg.num_workers)
                 for micro, batch in enumerate(loader):
+                    if epoch == start_epoch and micro < skip_micro:
+                        continue  # already trained on before the checkpoint; the stream replays exactly
                     with autocast():
                         logits = model(**model_inputs(batch, task, device)).logits
                     parts = distillation_loss(
-                        logits,
-                        batch["labels"].to(device),
-                        batch["target_ids"].to(device),
-                        batch["target_logprobs"].to(device),
-                        batch["tail_logprob"].to(device),
+                        logits, batch["labels"].to(device), batch["target_ids"].to(device),
+                        batch["target_logprobs"].to(device), batch["tail_logprob"].to(device),
                         alpha=cfg.alpha, beta=cfg.beta, temperature=cfg.temperature, vocab_size=vocab,
                     )
                     scaler.scale(parts.loss / cfg.grad_accum).backward()
@@ -213,7 +401,7 @@ def train_student(cfg: TrainConfig) -> dict[str, Any]:
                     window["ce"] += float(parts.ce)
                     window["tokens"] += parts.tokens
                     window["micro"] += 1
-                    if (micro + 1) % cfg.grad_accum and micro + 1 != micro_per_epoch:
+                    if (micro + 1) % cfg.grad_accum and micro + 1 != n_micro:
                         continue
                     scaler.unscale_(optimizer)
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
@@ -225,43 +413,58 @@ def train_student(cfg: TrainConfig) -> dict[str, Any]:
                     bar.update(1)
                     if step % cfg.log_every == 0 or step == total_steps:
                         now = time.perf_counter()
-                        m = window["micro"]
-                        last = {
-                            "step": step,
-                            "epoch": epoch,
-                            "loss": window["loss"] / m,
-                            "kd_loss": window["kd"] / m,
-                            "ce_loss": window["ce"] / m,
-                            "perplexity": math.exp(min(window["ce"] / m, 50.0)),
-                            "lr": scheduler.get_last_lr()[0],
-                            "grad_norm": grad_norm,
+                        m = max(window["micro"], 1)
+                        entry = {
+                            "step": step, "epoch": epoch, "loss": window["loss"] / m, "kd_loss": window["kd"] / m,
+                            "ce_loss": window["ce"] / m, "perplexity": math.exp(min(window["ce"] / m, 50.0)),
+                            "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                             "tokens_per_s": window["tokens"] / max(now - t_window, 1e-9),
                         }
                         total_tokens += window["tokens"]
-                        metrics_file.write(json.dumps(last) + "\n")
-                        metrics_file.flush()
-                        bar.set_postfix(loss=f"{last['loss']:.3f}", ce=f"{last['ce_loss']:.3f}")
-                        log.debug("step %d: %s", step, last)
+                        record(entry)
+                        bar.set_postfix(loss=f"{entry['loss']:.3f}", ce=f"{entry['ce_loss']:.3f}")
                         window = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "tokens": 0, "micro": 0}
                         t_window = now
-                    if step >= total_steps:
+                    if val_cache is not None and (step % cfg.eval_steps == 0 or step == total_steps):
+                        v = validate(model, val_cache, collate_fn, cfg, task, device, autocast)
+                        record({"step": step, "epoch": epoch, **v})
+                        log.info("step %d: validation loss %.4f (KD %.4f, CE %.4f, perplexity %.2f)", step,
+                                 v["val_loss"], v["val_kd_loss"], v["val_ce_loss"], v["val_perplexity"])
+                        if v["val_loss"] < best:
+                            best, bad_evals = v["val_loss"], 0
+                            save_model_atomic(model, tok, best_dir, overwrite=True)
+                        else:
+                            bad_evals += 1
+                            if cfg.patience and bad_evals >= cfg.patience:
+                                log.info("early stopping at step %d: %d evaluations without improvement", step, bad_evals)
+                                stopped_early = True
+                    if step % cfg.save_steps == 0 and step < total_steps and not stopped_early:
+                        state = {"step": step, "epoch": epoch + (micro + 1 == n_micro), "micro_in_epoch": 0 if micro + 1 == n_micro else micro + 1,
+                                 "best_val_loss": best, "evals_without_improvement": bad_evals, "log_history": history,
+                                 "config": cfg.to_dict()}
+                        path = save_checkpoint(ckpt_dir, step, model, tok, optimizer, scheduler, scaler, state, cfg.save_total_limit)
+                        log.info("saved %s", path)
+                    if step >= total_steps or stopped_early:
                         break
-                if step >= total_steps:
+                if step >= total_steps or stopped_early:
                     break
-        save_model_atomic(model, tok, final_dir, overwrite=cfg.overwrite)
+        save_model_atomic(model, tok, final_dir, overwrite=True)
     finally:
-        metrics_file.close()
-        log.removeHandler(file_handler)
-        file_handler.close()
+        metrics_jsonl.close()
+        for name, handler in handlers:
+            logging.getLogger(name).removeHandler(handler)
+            handler.close()
     total_tokens += window["tokens"]
+    _atomic_json(log_dir / "training_metrics.json", history)
+    from .plots import plot_run
+
+    plot_run(out_dir, log_dir)
     elapsed = time.perf_counter() - t_start
+    last = next((h for h in reversed(history) if "loss" in h), {})
     summary = {
-        "output": str(out_dir),
-        "final_model": str(final_dir),
-        "steps": step,
-        "seconds": elapsed,
-        "tokens": total_tokens,
-        "tokens_per_s": total_tokens / max(elapsed, 1e-9),
+        "output": str(out_dir), "final_model": str(final_dir), "best_model": str(best_dir) if best < float("inf") else None,
+        "steps": step, "seconds": elapsed, "tokens": total_tokens, "tokens_per_s": total_tokens / max(elapsed, 1e-9),
+        "stopped_early": stopped_early, "best_val_loss": best if best < float("inf") else None,
         **{k: last.get(k) for k in ("loss", "kd_loss", "ce_loss")},
     }
     log.info("saved %s after %d steps (%.1f s)", final_dir, step, elapsed)

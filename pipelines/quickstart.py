@@ -113,7 +113,7 @@ def run(output: str = "./quickstart", budget: str = "default", device: str = "au
 
     student_init = make_student(teacher_dir, out / "student_init", seed)
     common = dict(cache=str(caches["train"]), student=student_init, max_steps=b.steps, batch_size=b.batch_size, lr=LR,
-                  warmup_steps=max(1, b.steps // 20), seed=seed, device=dev, log_every=max(1, b.steps // 60), overwrite=True)
+                  warmup_steps=max(1, b.steps // 20), grad_accum=1, seed=seed, device=dev, log_every=max(1, b.steps // 60), overwrite=True)
     runs = {"student_ce": out / "student_ce", "student_kd": out / "student_kd"}
     train_student(TrainConfig(output=str(runs["student_ce"]), alpha=0.0, beta=1.0, **common))
     train_student(TrainConfig(output=str(runs["student_kd"]), **KD, **common))

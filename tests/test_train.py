@@ -37,12 +37,15 @@ def test_stream_yields_every_example_once_per_epoch_in_a_seeded_order(t5_cache):
 def test_training_lowers_the_loss_and_writes_a_loadable_model(models_dir, t5_cache, tmp_path):
     out = tmp_path / "run"
     summary = train_student(TrainConfig(cache=t5_cache, student=models_dir["t5_student"], output=str(out), lr=3e-3,
-                                        max_steps=30, batch_size=8, log_every=1, device="cpu"))
+                                        max_steps=30, batch_size=8, grad_accum=1, warmup_steps=0, log_every=1, device="cpu"))
     records = [json.loads(line) for line in open(out / "logs" / "training_metrics.jsonl")]
     assert [r["step"] for r in records] == list(range(1, 31))
     assert np.mean([r["loss"] for r in records[-5:]]) < np.mean([r["loss"] for r in records[:5]])
     assert {"loss", "kd_loss", "ce_loss", "lr", "tokens_per_s"} <= set(records[0])
-    assert summary["steps"] == 30 and (out / "logs" / "train.log").read_text()
+    assert summary["steps"] == 30 and "training" in (out / "logs" / "main.log").read_text()
+    assert "step=30" in (out / "logs" / "training.log").read_text()
+    assert json.loads((out / "logs" / "training_metrics.json").read_text()) == records
+    assert (out / "logs" / "curves.png").stat().st_size > 0
     model = AutoModelForSeq2SeqLM.from_pretrained(out / "final_model")
     tok = AutoTokenizer.from_pretrained(out / "final_model")
     assert (out / "final_model" / "model.safetensors").exists()
@@ -57,7 +60,7 @@ def test_gradient_accumulation_matches_a_larger_batch_in_step_count(models_dir, 
 
 
 def test_refuses_existing_final_model_without_overwrite(models_dir, t5_cache, tmp_path):
-    kw = dict(cache=t5_cache, student=models_dir["t5_student"], output=str(tmp_path / "r"), max_steps=1, device="cpu")
+    kw = dict(cache=t5_cache, student=models_dir["t5_student"], output=str(tmp_path / "r"), max_steps=1, grad_accum=1, device="cpu")
     train_student(TrainConfig(**kw))
     marker = (tmp_path / "r" / "final_model" / "model.safetensors").stat().st_mtime_ns
     with pytest.raises(KdcacheError, match="exists; pass --overwrite"):
@@ -81,8 +84,61 @@ def test_refuses_a_student_with_another_tokenizer(models_dir, dataset_file, tmp_
 
 def test_seed_makes_cpu_training_deterministic(models_dir, t5_cache, tmp_path):
     def run(name):
-        train_student(TrainConfig(cache=t5_cache, student=models_dir["t5_student"], output=str(tmp_path / name), max_steps=3, device="cpu"))
+        train_student(TrainConfig(cache=t5_cache, student=models_dir["t5_student"], output=str(tmp_path / name), max_steps=3, grad_accum=1, device="cpu"))
         return AutoModelForSeq2SeqLM.from_pretrained(tmp_path / name / "final_model").state_dict()
 
     a, b = run("a"), run("b")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _weights(path):
+    return AutoModelForSeq2SeqLM.from_pretrained(path).state_dict()
+
+
+def test_checkpoints_keep_the_last_n_with_everything_needed_to_resume(models_dir, t5_cache, tmp_path):
+    train_student(TrainConfig(cache=t5_cache, student=models_dir["t5_student"], output=str(tmp_path / "r"), max_steps=10,
+                              save_steps=2, save_total_limit=2, grad_accum=1, warmup_steps=2, device="cpu"))
+    ckpts = sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir())
+    assert ckpts == ["checkpoint-step-6", "checkpoint-step-8"]
+    files = {p.name for p in (tmp_path / "r" / "checkpoints" / "checkpoint-step-8").iterdir()}
+    assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pt", "trainer_state.json", "config.json"} <= files
+    state = json.loads((tmp_path / "r" / "checkpoints" / "checkpoint-step-8" / "trainer_state.json").read_text())
+    assert state["step"] == 8 and state["micro_in_epoch"] == 8 and state["epoch"] == 0
+
+
+def test_interrupted_and_resumed_training_ends_with_the_same_weights(models_dir, t5_cache, tmp_path):
+    """14 steps of 4 examples cross an epoch boundary (40 examples = 10 batches). The interrupted run
+    is the same run stopped after its step-8 checkpoint: its later checkpoints and final model are
+    removed, and --resume continues from step 8."""
+    import shutil
+
+    kw = dict(cache=t5_cache, student=models_dir["t5_student"], max_steps=14, batch_size=4, save_steps=4,
+              grad_accum=1, warmup_steps=3, lr=1e-3, device="cpu")
+    train_student(TrainConfig(output=str(tmp_path / "straight"), **kw))
+    train_student(TrainConfig(output=str(tmp_path / "broken"), **kw))
+    shutil.rmtree(tmp_path / "broken" / "final_model")
+    shutil.rmtree(tmp_path / "broken" / "checkpoints" / "checkpoint-step-12")
+    with pytest.raises(KdcacheError, match="--resume to continue"):
+        train_student(TrainConfig(output=str(tmp_path / "broken"), **kw))
+    with pytest.raises(KdcacheError, match="lr=0.001, this run has lr=0.002"):
+        train_student(TrainConfig(output=str(tmp_path / "broken"), resume=True, **{**kw, "lr": 2e-3}))
+    summary = train_student(TrainConfig(output=str(tmp_path / "broken"), resume=True, **kw))
+    assert summary["steps"] == 14
+    a, b = _weights(tmp_path / "straight" / "final_model"), _weights(tmp_path / "broken" / "final_model")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    hist = json.loads((tmp_path / "broken" / "logs" / "training_metrics.json").read_text())
+    assert [h["step"] for h in hist] == [h["step"] for h in json.loads((tmp_path / "straight" / "logs" / "training_metrics.json").read_text())]
+
+
+def test_validation_best_model_and_early_stopping(models_dir, dataset_file, t5_cache, tmp_path):
+    val = tmp_path / "val"
+    dump_teacher(DumpConfig(model=models_dir["t5_teacher"], dataset=dataset_file, output=str(val), topk=8, limit=8, device="cpu"))
+    s = train_student(TrainConfig(cache=t5_cache, val_cache=str(val), student=models_dir["t5_student"], output=str(tmp_path / "r"),
+                                  max_steps=30, eval_steps=2, patience=1, lr=5.0, grad_accum=1, warmup_steps=0, device="cpu"))
+    assert s["stopped_early"] and s["steps"] < 30
+    hist = json.loads((tmp_path / "r" / "logs" / "training_metrics.json").read_text())
+    vals = [h for h in hist if "val_loss" in h]
+    assert {"val_loss", "val_kd_loss", "val_ce_loss", "val_perplexity"} <= set(vals[0])
+    assert s["best_val_loss"] == min(v["val_loss"] for v in vals) and vals[-1]["val_loss"] >= s["best_val_loss"]
+    assert (tmp_path / "r" / "best_model" / "model.safetensors").exists() and (tmp_path / "r" / "final_model").exists()
+    assert "validation loss" in (tmp_path / "r" / "logs" / "main.log").read_text()
