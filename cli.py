@@ -1,61 +1,126 @@
-"""The ``kdcache`` command line. Parsing only: every command builds a config and calls one library function."""
+"""The ``kdcache`` command line. Parsing only: every command builds a config and calls one library function.
+
+Options default to None here: the config dataclasses (kdcache/config.py) are the one place defaults
+live, a ``--config FILE`` fills what it sets, and options given on the command line override both.
+"""
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import click
 
 import kdcache
-from kdcache.config import DTYPES, METRICS, DumpConfig, EvalConfig, TrainConfig
+from kdcache.config import DTYPES, METRICS, DumpConfig, EvalConfig, TrainConfig, load_config_file, stage_kwargs, write_config_file
 from kdcache.errors import KdcacheError
 
 log = logging.getLogger("kdcache")
 
 
-def _data_options(split_default: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def _default(cls: type, name: str) -> Any:
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def opt(cls: type, name: str, *decls: str, help: str = "", **kw: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A click option for config field ``name`` of ``cls``; its help shows the dataclass default."""
+    flag = "--" + name.replace("_", "-")
+    default = _default(cls, name)
+    shown = f"[default: {default}]" if default not in (None, "", []) else ""
+    return click.option(*(decls or (flag,)), name, default=None, help=f"{help} {shown}".strip(), **kw)
+
+
+def _data_options(cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Dataset and tokenization options shared by dump-teacher and evaluate."""
     options = [
-        click.option("--dataset", required=True, help="Hub dataset name, a local .json/.jsonl/.csv/.parquet file, or a save_to_disk folder."),
-        click.option("--dataset-config", default=None, help="Hub dataset configuration (e.g. 3.0.0 for cnn_dailymail)."),
-        click.option("--split", default=split_default, show_default=True, help="Dataset split."),
-        click.option("--task", type=click.Choice(["seq2seq", "causal"]), default=None, help="Override the task detected from the model config."),
-        click.option("--input-column", default=None, help="Input column (seq2seq default: article; causal: the prompt)."),
-        click.option("--target-column", default=None, help="Target column (seq2seq default: highlights; causal: the completion)."),
-        click.option("--text-column", default=None, help="Causal only: distil every next-token position of this column (default: text)."),
-        click.option("--prefix", default=None, help='Prepended to every input (default "summarize: " for T5-family models, "" otherwise).'),
-        click.option("--max-input-length", type=int, default=512, show_default=True, help="Tokens kept per input (truncation is counted and reported)."),
-        click.option("--max-target-length", type=int, default=128, show_default=True, help="Tokens kept per target."),
-        click.option("--limit", type=int, default=None, help="Use only the first N rows."),
-        click.option("--device", default="auto", show_default=True, help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N, mps."),
-        click.option("--trust-remote-code", is_flag=True, help="Allow models with custom code from the hub (off: such code is never executed)."),
+        opt(cls, "dataset", help="Hub dataset, builtin:python-code / builtin:python-docstrings, a local .json/.jsonl/.csv/.parquet file, or a save_to_disk folder."),
+        opt(cls, "dataset_config", help="Hub dataset configuration (cnn_dailymail: 3.0.0)."),
+        opt(cls, "split", help="Dataset split."),
+        opt(cls, "task", type=click.Choice(["seq2seq", "causal"]), help="Override the task detected from the model config."),
+        opt(cls, "input_column", help="Input column (seq2seq default: article; causal: the prompt)."),
+        opt(cls, "target_column", help="Target column (seq2seq default: highlights; causal: the completion)."),
+        opt(cls, "text_column", help="Causal only: distil every next-token position of this column (default: text)."),
+        opt(cls, "prefix", help='Prepended to every input (default "summarize: " for T5-family models, "" otherwise).'),
+        opt(cls, "max_input_length", type=int, help="Tokens kept per input (truncation is counted and reported)."),
+        opt(cls, "max_target_length", type=int, help="Tokens kept per target."),
+        opt(cls, "limit", type=int, help="Use only the first N rows."),
+        opt(cls, "cache_dir", "--dataset-cache-dir", help="Where `datasets` keeps downloads."),
+        opt(cls, "device", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N, mps."),
+        click.option("--trust-remote-code", is_flag=True, default=None, help="Allow models with custom code from the hub (off: such code never runs)."),
     ]
 
     def wrap(f: Callable[..., Any]) -> Callable[..., Any]:
-        for opt in reversed(options):
-            f = opt(f)
+        for o in reversed(options):
+            f = o(f)
         return f
 
     return wrap
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def _common(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--config and --dry-run, on every pipeline command."""
+    f = click.option("--dry-run", is_flag=True, help="Check the installation: the whole path on a few built-in examples with tiny models of this family, offline, in a temporary folder.")(f)
+    return click.option("--config", "config_file", default=None, help="distillation_config.json (or .yaml) from `kdcache create-config`; command-line options override it.")(f)
+
+
+def _build(cls: type, stage: str, kw: dict[str, Any]) -> Any:
+    """File values (if --config), then command-line values, over the dataclass defaults."""
+    config_file = kw.pop("config_file", None)
+    kw.pop("dry_run", None)
+    values: dict[str, Any] = {}
+    if config_file:
+        file_cfg = load_config_file(config_file)
+        values.update(stage_kwargs(file_cfg, stage, kw.get("split")))
+        if log.handlers and not _LOG_LEVEL_GIVEN:  # --log-level on the command line wins over the file
+            log.handlers[0].setLevel(file_cfg["system_config"]["log_level"].upper())
+    values.update({k: v for k, v in kw.items() if v is not None and v != ()})
+    return cls(**values)
+
+
+def _dry_run(kw: dict[str, Any], command: str, model_key: str, cls: type) -> bool:
+    """Run the dry run instead of the command when --dry-run is given (or the config file says so)."""
+    dry = kw.get("dry_run")
+    if not dry and kw.get("config_file"):
+        dry = load_config_file(kw["config_file"])["system_config"]["dry_run"]
+    if not dry:
+        return False
+    from kdcache.dryrun import dry_run
+
+    model = kw.get(model_key) or (load_config_file(kw["config_file"])["model_config"]["teacher_model"] if kw.get("config_file") else _default(cls, model_key))
+    s = dry_run(model, command)
+    click.echo(f"dry run of `kdcache {command}` ({s['family']} family, like {s['configured_model']}), offline, tiny models:")
+    click.echo(f"  data      {s['dataset']}")
+    click.echo(f"  dump      {s['dump']['examples']} examples, {s['dump']['tokens']} distilled tokens, top-{s['dump']['k']} → Zarr cache")
+    click.echo(f"  train     {s['train']['steps']} steps, last loss {s['train']['loss']:.4f}; wrote {', '.join(s['train']['wrote'])}")
+    click.echo("  evaluate  " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in s["evaluate"].items()))
+    click.echo(f"ok in {s['seconds']:.1f} s; nothing was kept on disk")
+    return True
+
+
+_LOG_LEVEL_GIVEN = False
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(kdcache.__version__, prog_name="kdcache")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
-@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False), default="INFO", show_default=True)
-def app(debug: bool, log_level: str) -> None:
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False), default=None, help="Console log level [default: INFO].")
+def app(debug: bool, log_level: str | None) -> None:
     """kdcache: distil a large teacher into a small student through an offline teacher-logit cache.
 
     \b
+    kdcache quickstart                                          # the whole job, offline, in ~15 min
     kdcache dump-teacher  --model TEACHER --dataset DATA --output CACHE
     kdcache train-student --cache CACHE --student STUDENT --output RUN
     kdcache evaluate      --model RUN/final_model --dataset DATA --metric rouge
     """
+    global _LOG_LEVEL_GIVEN
+    _LOG_LEVEL_GIVEN = log_level is not None
     # Only kdcache's own logger prints: libraries (absl via rouge-score, datasets) stay quiet.
     if not log.handlers:
         handler = logging.StreamHandler(sys.stderr)
@@ -64,22 +129,36 @@ def app(debug: bool, log_level: str) -> None:
         log.propagate = False
     # The console shows --log-level and above; the logger itself passes everything, so the run's log
     # files keep INFO records whatever the console shows.
-    log.handlers[0].setLevel(log_level.upper())
+    log.handlers[0].setLevel((log_level or "INFO").upper())
     log.setLevel(logging.DEBUG)
 
 
+@app.command("create-config")
+@click.argument("path", default="distillation_config.json")
+@click.option("--overwrite", is_flag=True, help="Replace an existing file.")
+def create_config_cmd(path: str, overwrite: bool) -> None:
+    """Write a distillation config (JSON, or YAML for .yaml/.yml) with every key at its default."""
+    if Path(path).exists() and not overwrite:
+        raise KdcacheError(f"{path} exists; pass --overwrite to replace it")
+    write_config_file(path)
+    click.echo(f"wrote {path}: edit it, then e.g. `kdcache dump-teacher --config {path}`")
+
+
 @app.command("dump-teacher")
-@click.option("--model", required=True, help="Teacher: hub id or local save_pretrained folder.")
-@_data_options("train")
-@click.option("--topk", type=int, default=64, show_default=True, help="Teacher entries kept per position (the rest of the mass goes to the tail bucket).")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Examples per teacher forward (batches are grouped by length).")
-@click.option("--block-size", type=int, default=1024, show_default=True, help="Examples per block: the unit of writing and resuming.")
-@click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True, help="Teacher weights dtype (auto: bf16 on GPUs that support it, else fp32).")
-@click.option("--output", default="./teacher_cache", show_default=True, help="Cache directory (a Zarr v3 group).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing complete cache, or one made with other parameters.")
+@opt(DumpConfig, "model", help="Teacher: hub id or local save_pretrained folder.")
+@_data_options(DumpConfig)
+@opt(DumpConfig, "topk", type=int, help="Teacher entries kept per position (the rest of the mass goes to the tail bucket).")
+@opt(DumpConfig, "batch_size", type=int, help="Examples per teacher forward (batches are grouped by length).")
+@opt(DumpConfig, "block_size", type=int, help="Examples per block: the unit of writing and resuming.")
+@opt(DumpConfig, "dtype", type=click.Choice(DTYPES), help="Teacher weights dtype (auto: bf16 on GPUs that support it, else fp32).")
+@opt(DumpConfig, "output", help="Cache directory (a Zarr v3 group).")
+@click.option("--overwrite", is_flag=True, default=None, help="Replace an existing complete cache, or one made with other parameters.")
+@_common
 def dump_teacher_cmd(**kw: Any) -> None:
     """Run the teacher once over a dataset and cache its top-k distributions."""
-    summary = kdcache.dump_teacher(DumpConfig(**kw))
+    if _dry_run(kw, "dump-teacher", "model", DumpConfig):
+        return
+    summary = kdcache.dump_teacher(_build(DumpConfig, "dump", kw))
     click.echo(
         f"cache {summary['output']}: {summary['examples']} examples, {summary['tokens']} distilled tokens "
         f"({summary['blocks_written']}/{summary['blocks_total']} blocks written this run), "
@@ -88,54 +167,94 @@ def dump_teacher_cmd(**kw: Any) -> None:
 
 
 @app.command("train-student")
-@click.option("--cache", required=True, help="Teacher cache written by dump-teacher.")
-@click.option("--student", required=True, help="Student: hub id or local save_pretrained folder (its tokenizer must match the cache's).")
-@click.option("--output", default="./distilled_model", show_default=True, help="Run directory: final_model/ and logs/ go here.")
-@click.option("--temperature", type=float, default=4.0, show_default=True, help="Distillation temperature T.")
-@click.option("--alpha", type=float, default=0.7, show_default=True, help="Weight of the KD term (T² · KL).")
-@click.option("--beta", type=float, default=0.3, show_default=True, help="Weight of the cross-entropy term.")
-@click.option("--lr", type=float, default=5e-5, show_default=True, help="AdamW learning rate (linear warmup, linear decay).")
-@click.option("--weight-decay", type=float, default=0.0, show_default=True)
-@click.option("--warmup-steps", type=int, default=0, show_default=True)
-@click.option("--epochs", type=int, default=3, show_default=True)
-@click.option("--max-steps", type=int, default=None, help="Optimizer steps; overrides --epochs.")
-@click.option("--batch-size", type=int, default=4, show_default=True)
-@click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
-@click.option("--max-grad-norm", type=float, default=1.0, show_default=True)
-@click.option("--seed", type=int, default=42, show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--mixed-precision/--no-mixed-precision", default=True, show_default=True, help="bf16 (or fp16 + loss scaling) autocast on CUDA; CPU always trains in fp32.")
-@click.option("--log-every", type=int, default=10, show_default=True, help="Steps between metric records.")
-@click.option("--shuffle-buffer", type=int, default=4096, show_default=True, help="Examples mixed across blocks when streaming the cache.")
-@click.option("--trust-remote-code", is_flag=True)
-@click.option("--overwrite", is_flag=True, help="Replace an existing final_model/.")
+@opt(TrainConfig, "cache", help="Teacher cache written by dump-teacher.")
+@opt(TrainConfig, "student", help="Student: hub id or local save_pretrained folder (its tokenizer must match the cache's).")
+@opt(TrainConfig, "output", help="Run folder: final_model/, best_model/, checkpoints/ and logs/ go here.")
+@opt(TrainConfig, "val_cache", help="Validation cache (dump-teacher --split validation): evaluated every --eval-steps; best_model/ keeps the best.")
+@opt(TrainConfig, "temperature", type=float, help="Distillation temperature T.")
+@opt(TrainConfig, "alpha", type=float, help="Weight of the KD term (T² · KL).")
+@opt(TrainConfig, "beta", type=float, help="Weight of the cross-entropy term.")
+@opt(TrainConfig, "lr", "--lr", "--learning-rate", type=float, help="AdamW learning rate (linear warmup, linear decay).")
+@opt(TrainConfig, "weight_decay", type=float)
+@opt(TrainConfig, "warmup_steps", type=int)
+@opt(TrainConfig, "epochs", "--epochs", "--num-epochs", type=int)
+@opt(TrainConfig, "max_steps", type=int, help="Optimizer steps; overrides --epochs.")
+@opt(TrainConfig, "batch_size", type=int)
+@opt(TrainConfig, "grad_accum", "--grad-accum", "--gradient-accumulation-steps", type=int, help="Micro-batches per optimizer step.")
+@opt(TrainConfig, "max_grad_norm", type=float)
+@opt(TrainConfig, "seed", type=int)
+@opt(TrainConfig, "device")
+@click.option("--mixed-precision/--no-mixed-precision", "mixed_precision", default=None, help="bf16 (or fp16 + loss scaling) autocast on CUDA; CPU always trains in fp32. [default: on]")
+@opt(TrainConfig, "log_every", "--log-every", "--logging-steps", type=int, help="Steps between metric records.")
+@opt(TrainConfig, "eval_steps", type=int, help="Steps between validations (with --val-cache).")
+@opt(TrainConfig, "save_steps", type=int, help="Steps between checkpoints.")
+@opt(TrainConfig, "save_total_limit", type=int, help="Checkpoints kept.")
+@opt(TrainConfig, "patience", type=int, help="Stop after this many validations without improvement.")
+@click.option("--resume", is_flag=True, default=None, help="Continue from the latest checkpoint in the run folder.")
+@opt(TrainConfig, "num_workers", type=int, help="DataLoader worker processes streaming the cache.")
+@opt(TrainConfig, "shuffle_buffer", type=int, help="Examples mixed across blocks when streaming the cache.")
+@opt(TrainConfig, "logs_dir", help="Logs folder [default: OUTPUT/logs].")
+@opt(TrainConfig, "checkpoint_dir", help="Checkpoints folder [default: OUTPUT/checkpoints].")
+@click.option("--trust-remote-code", is_flag=True, default=None)
+@click.option("--overwrite", is_flag=True, default=None, help="Replace an existing final_model/ and start over.")
+@_common
 def train_student_cmd(**kw: Any) -> None:
     """Train a student from the cache alone (the teacher is never loaded)."""
-    summary = kdcache.train_student(TrainConfig(**kw))
+    if _dry_run(kw, "train-student", "student", TrainConfig):
+        return
+    summary = kdcache.train_student(_build(TrainConfig, "train", kw))
     loss = summary["loss"]
     click.echo(
         f"saved {summary['final_model']}: {summary['steps']} steps in {summary['seconds']:.1f} s"
         + (f", last loss {loss:.4f} (KD {summary['kd_loss']:.4f}, CE {summary['ce_loss']:.4f})" if loss is not None else "")
+        + (f"; best validation loss {summary['best_val_loss']:.4f} in {summary['best_model']}" if summary["best_model"] else "")
+        + ("; stopped early" if summary["stopped_early"] else "")
     )
 
 
 @app.command("evaluate")
-@click.option("--model", required=True, help="Model to score: hub id or local folder (e.g. RUN/final_model).")
-@_data_options("test")
-@click.option("--metric", "metrics", multiple=True, type=click.Choice(METRICS), default=("rouge",), show_default=True, help="Repeatable.")
-@click.option("--num-beams", type=int, default=4, show_default=True)
-@click.option("--max-new-tokens", type=int, default=128, show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--output", default=None, help="Write results.json and samples.jsonl here.")
+@click.option("--model", "models", multiple=True, help=f"Model to score: hub id or local folder; repeat to compare side by side. [default: {_default(EvalConfig, 'model')}]")
+@_data_options(EvalConfig)
+@click.option("--metric", "metrics", multiple=True, type=click.Choice(METRICS), help="Repeatable. [default: rouge]")
+@opt(EvalConfig, "num_beams", type=int)
+@opt(EvalConfig, "max_new_tokens", type=int)
+@opt(EvalConfig, "min_new_tokens", type=int)
+@opt(EvalConfig, "length_penalty", type=float)
+@opt(EvalConfig, "no_repeat_ngram_size", type=int)
+@opt(EvalConfig, "batch_size", type=int)
+@opt(EvalConfig, "output", help="Write results.json and samples.jsonl here (one subfolder per model when several).")
+@_common
 def evaluate_cmd(**kw: Any) -> None:
-    """Generate and score: ROUGE-1/2/L/Lsum (rouge-score, stemmed) and token perplexity."""
-    kw["metrics"] = list(kw["metrics"])
-    out = kdcache.evaluate(EvalConfig(**kw))
-    res = out["results"]
-    width = max(len(k) for k in res)
-    click.echo(f"{'metric':<{width}}  value")
-    for key, value in res.items():
-        click.echo(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    """Generate and score: ROUGE-1/2/L/Lsum (rouge-score, stemmed), BLEU (sacrebleu) and token perplexity."""
+    models = list(kw.pop("models")) or [None]
+    if _dry_run({**kw, "model": models[0]}, "evaluate", "model", EvalConfig):
+        return
+    output = kw.pop("output")
+    labels = _labels([m or "model" for m in models])
+    table: dict[str, dict[str, Any]] = {}
+    for model, label in zip(models, labels):
+        sub = output if output is None or len(models) == 1 else str(Path(output) / label)
+        cfg = _build(EvalConfig, "evaluate", {**kw, "model": model, "output": sub, "metrics": list(kw["metrics"]) or None})
+        table[label if len(models) > 1 else cfg.model] = kdcache.evaluate(cfg)["results"]
+    if output and len(models) > 1:
+        Path(output, "results.json").write_text(json.dumps(table, indent=2) + "\n")
+    keys = list(next(iter(table.values())))
+    width = max(len(k) for k in keys + ["metric"])
+    cols = list(table)
+    click.echo(f"{'metric':<{width}}  " + "  ".join(f"{c:>14}" for c in cols))
+    for key in keys:
+        cells = [table[c].get(key) for c in cols]
+        click.echo(f"{key:<{width}}  " + "  ".join(f"{v:>14.4f}" if isinstance(v, float) else f"{v!s:>14}" for v in cells))
+
+
+def _labels(models: list[str]) -> list[str]:
+    """Short distinct names for models (their folder names, or the parent's for .../final_model)."""
+    out = []
+    for m in models:
+        p = Path(m)
+        name = f"{p.parent.name}/{p.name}" if p.name in ("final_model", "best_model") and p.parent.name else p.name or m
+        out.append(name.replace("/", "_"))
+    return [f"{n}_{i}" if out.count(n) > 1 else n for i, n in enumerate(out)]
 
 
 @app.command("quickstart")

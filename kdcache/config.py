@@ -8,7 +8,7 @@ from typing import Any
 from .errors import KdcacheError
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
-METRICS = ("rouge", "perplexity")
+METRICS = ("rouge", "bleu", "perplexity")
 
 
 def _require(cond: bool, message: str) -> None:
@@ -20,8 +20,9 @@ def _require(cond: bool, message: str) -> None:
 class DataOptions:
     """Where the examples come from and how they are tokenized (shared by dump-teacher and evaluate)."""
 
-    dataset: str = ""
-    dataset_config: str | None = None
+    dataset: str = "cnn_dailymail"
+    dataset_config: str | None = None  # cnn_dailymail without one: 3.0.0
+    cache_dir: str | None = None  # where `datasets` keeps downloads and Arrow files (its default if None)
     split: str = "train"
     input_column: str | None = None  # seq2seq default: article
     target_column: str | None = None  # seq2seq default: highlights
@@ -49,7 +50,7 @@ class DataOptions:
 class DumpConfig(DataOptions):
     """``kdcache dump-teacher``: run the teacher once over a dataset, write its sparse targets."""
 
-    model: str = ""
+    model: str = "t5-large"
     output: str = "./teacher_cache"
     topk: int = 64
     batch_size: int = 8
@@ -126,11 +127,14 @@ class TrainConfig:
 class EvalConfig(DataOptions):
     """``kdcache evaluate``: generate and score a model on a dataset."""
 
-    model: str = ""
+    model: str = "./distilled_model/final_model"
     split: str = "test"
     metrics: list[str] = field(default_factory=lambda: ["rouge"])
     num_beams: int = 4
     max_new_tokens: int = 128
+    min_new_tokens: int = 0
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
     batch_size: int = 8
     output: str | None = None
 
@@ -142,4 +146,194 @@ class EvalConfig(DataOptions):
         _require(bool(self.metrics), "at least one --metric is required")
         _require(self.num_beams >= 1, f"--num-beams must be at least 1 (got {self.num_beams})")
         _require(self.max_new_tokens >= 1, f"--max-new-tokens must be at least 1 (got {self.max_new_tokens})")
+        _require(0 <= self.min_new_tokens <= self.max_new_tokens, f"--min-new-tokens must be in 0..--max-new-tokens (got {self.min_new_tokens})")
+        _require(self.no_repeat_ngram_size >= 0, f"--no-repeat-ngram-size must not be negative (got {self.no_repeat_ngram_size})")
         _require(self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})")
+
+
+# ----------------------------------------------------------------------------------------------
+# The distillation config file (`kdcache create-config`, `--config FILE`): five sections whose keys
+# map onto the stage configs above. Defaults come from the stage configs, except the per-split sizes,
+# which exist only in the file.
+
+_T, _D, _E = TrainConfig, DumpConfig, EvalConfig
+
+FILE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "model_config": {
+        "teacher_model": _D.model,
+        "student_model": _T.student,
+        "max_input_length": _D.max_input_length,
+        "max_target_length": _D.max_target_length,
+        "cache_dir": _D.output,
+    },
+    "data_config": {
+        "dataset_name": _D.dataset,
+        "dataset_version": "3.0.0",
+        "train_size": 1000,  # rows dumped from the train split (null: all)
+        "val_size": 200,
+        "test_size": 100,
+        "data_cache_dir": _D.cache_dir,
+        "num_workers": 4,  # DataLoader workers streaming the cache
+    },
+    "distillation_config": {"temperature": _T.temperature, "alpha": _T.alpha, "beta": _T.beta},
+    "training_config": {
+        "batch_size": _T.batch_size,
+        "learning_rate": _T.lr,
+        "num_epochs": _T.epochs,
+        "warmup_steps": _T.warmup_steps,
+        "logging_steps": _T.log_every,
+        "save_steps": _T.save_steps,
+        "eval_steps": _T.eval_steps,
+        "gradient_accumulation_steps": _T.grad_accum,
+        "max_grad_norm": _T.max_grad_norm,
+        "output_dir": _T.output,
+        "logs_dir": "logs",  # relative paths are inside output_dir
+        "checkpoint_dir": "checkpoints",
+    },
+    "system_config": {
+        "device": _T.device,  # auto: cuda when present, else mps, else cpu
+        "mixed_precision": _T.mixed_precision,
+        "dry_run": False,
+        "seed": _T.seed,
+        "log_level": "INFO",
+    },
+}
+
+# (section, key) → field of each stage config. A key absent from a stage's map is not used by it.
+_COMMON = {
+    ("model_config", "max_input_length"): "max_input_length",
+    ("model_config", "max_target_length"): "max_target_length",
+    ("data_config", "dataset_name"): "dataset",
+    ("data_config", "dataset_version"): "dataset_config",
+    ("data_config", "data_cache_dir"): "cache_dir",
+    ("system_config", "device"): "device",
+}
+FILE_TO_STAGE: dict[str, dict[tuple[str, str], str]] = {
+    "dump": {**_COMMON, ("model_config", "teacher_model"): "model", ("model_config", "cache_dir"): "output"},
+    "train": {
+        ("model_config", "student_model"): "student",
+        ("model_config", "cache_dir"): "cache",
+        ("data_config", "num_workers"): "num_workers",
+        ("distillation_config", "temperature"): "temperature",
+        ("distillation_config", "alpha"): "alpha",
+        ("distillation_config", "beta"): "beta",
+        ("training_config", "batch_size"): "batch_size",
+        ("training_config", "learning_rate"): "lr",
+        ("training_config", "num_epochs"): "epochs",
+        ("training_config", "warmup_steps"): "warmup_steps",
+        ("training_config", "logging_steps"): "log_every",
+        ("training_config", "save_steps"): "save_steps",
+        ("training_config", "eval_steps"): "eval_steps",
+        ("training_config", "gradient_accumulation_steps"): "grad_accum",
+        ("training_config", "max_grad_norm"): "max_grad_norm",
+        ("training_config", "output_dir"): "output",
+        ("training_config", "logs_dir"): "logs_dir",
+        ("training_config", "checkpoint_dir"): "checkpoint_dir",
+        ("system_config", "device"): "device",
+        ("system_config", "mixed_precision"): "mixed_precision",
+        ("system_config", "seed"): "seed",
+    },
+    "evaluate": dict(_COMMON),
+}
+STAGES = {"dump": DumpConfig, "train": TrainConfig, "evaluate": EvalConfig}
+SPLIT_SIZE_KEYS = {"train": "train_size", "validation": "val_size", "test": "test_size"}
+
+
+def _type_ok(value: Any, default: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, str)
+
+
+def load_config_file(path: str) -> dict[str, dict[str, Any]]:
+    """Read a JSON (or YAML) distillation config; reject unknown sections/keys and values of the wrong
+    type or out of range, naming ``section.key``. Returns the file merged over FILE_DEFAULTS."""
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise KdcacheError(f"config file {path} does not exist (write one with `kdcache create-config {path}`)")
+    text = p.read_text()
+    try:
+        if p.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(text)
+        else:
+            import json
+
+            raw = json.loads(text)
+    except Exception as exc:
+        raise KdcacheError(f"config file {path} is not valid {'YAML' if p.suffix.lower() in ('.yaml', '.yml') else 'JSON'}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise KdcacheError(f"config file {path} must hold an object with the sections {', '.join(FILE_DEFAULTS)}")
+    merged = {section: dict(keys) for section, keys in FILE_DEFAULTS.items()}
+    for section, keys in raw.items():
+        if section not in FILE_DEFAULTS:
+            raise KdcacheError(f"{path}: unknown section {section!r} (sections: {', '.join(FILE_DEFAULTS)})")
+        if not isinstance(keys, dict):
+            raise KdcacheError(f"{path}: section {section!r} must be an object")
+        for key, value in keys.items():
+            if key not in FILE_DEFAULTS[section]:
+                raise KdcacheError(f"{path}: unknown key {section}.{key} (keys of {section}: {', '.join(FILE_DEFAULTS[section])})")
+            default = FILE_DEFAULTS[section][key]
+            if not _type_ok(value, default if default is not None else ""):
+                raise KdcacheError(f"{path}: {section}.{key} = {value!r} has the wrong type (expected {type(default).__name__})")
+            merged[section][key] = value
+    # Range checks: each stage validates a config holding just this key's value, so the rules stay in
+    # one place (the stage's validate) while the message names the file's key.
+    for stage, mapping in FILE_TO_STAGE.items():
+        for (section, key), field_name in mapping.items():
+            if key not in raw.get(section, {}):
+                continue
+            try:
+                STAGES[stage](**{field_name: merged[section][key]}).validate()
+            except KdcacheError as exc:
+                raise KdcacheError(f"{path}: {section}.{key} = {merged[section][key]!r} is invalid ({exc})") from None
+    for key in SPLIT_SIZE_KEYS.values():
+        size = merged["data_config"][key]
+        if size is not None and size < 1:
+            raise KdcacheError(f"{path}: data_config.{key} = {size!r} is invalid (use a positive number, or null for the whole split)")
+    if merged["system_config"]["log_level"].upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise KdcacheError(f"{path}: system_config.log_level = {merged['system_config']['log_level']!r} is invalid (DEBUG, INFO, WARNING or ERROR)")
+    return merged
+
+
+def stage_kwargs(file_cfg: dict[str, dict[str, Any]], stage: str, split: str | None = None) -> dict[str, Any]:
+    """The stage config fields a loaded config file sets (relative log/checkpoint dirs resolved under
+    the output dir; the split's size becomes ``limit``; evaluate scores the trained model)."""
+    out = {field_name: file_cfg[section][key] for (section, key), field_name in FILE_TO_STAGE[stage].items()}
+    if stage == "train":
+        from pathlib import Path
+
+        for name in ("logs_dir", "checkpoint_dir"):
+            if out[name] is not None and not Path(out[name]).is_absolute():
+                out[name] = str(Path(out["output"]) / out[name])
+    if stage in ("dump", "evaluate"):
+        out["limit"] = file_cfg["data_config"][SPLIT_SIZE_KEYS.get(split or ("train" if stage == "dump" else "test"), "train_size")]
+    if stage == "evaluate":
+        out["model"] = f"{file_cfg['training_config']['output_dir'].rstrip('/')}/final_model"
+    return out
+
+
+def write_config_file(path: str) -> None:
+    """Write FILE_DEFAULTS as JSON (or YAML for .yaml/.yml)."""
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    if p.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        text = yaml.safe_dump(FILE_DEFAULTS, sort_keys=False)
+    else:
+        text = json.dumps(FILE_DEFAULTS, indent=2) + "\n"
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(p)

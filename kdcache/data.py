@@ -54,7 +54,11 @@ def resolve_columns(task: str, input_column: str | None, target_column: str | No
     return Columns(text="text")
 
 
-def load_rows(dataset: str, config: str | None = None, split: str = "train", limit: int | None = None):
+DEFAULT_CONFIGS = {"cnn_dailymail": "3.0.0", "abisee/cnn_dailymail": "3.0.0"}
+
+
+def load_rows(dataset: str, config: str | None = None, split: str = "train", limit: int | None = None,
+              cache_dir: str | None = None):
     """Load a ``datasets.Dataset`` from a built-in corpus (``builtin:NAME``), a local file, a
     ``save_to_disk`` folder, or the hub."""
     import datasets
@@ -71,7 +75,7 @@ def load_rows(dataset: str, config: str | None = None, split: str = "train", lim
             builder = LOCAL_BUILDERS.get(p.suffix.lower())
             if builder is None:
                 raise KdcacheError(f"unsupported dataset file {dataset}: use .json, .jsonl, .csv or .parquet")
-            ds = datasets.load_dataset(builder, data_files=str(p), split="train")
+            ds = datasets.load_dataset(builder, data_files=str(p), split="train", cache_dir=cache_dir)
         elif p.is_dir():
             loaded = datasets.load_from_disk(str(p))
             if isinstance(loaded, datasets.DatasetDict):
@@ -82,7 +86,7 @@ def load_rows(dataset: str, config: str | None = None, split: str = "train", lim
         elif dataset.startswith((".", "/", "~")) or dataset.count("/") > 1:
             raise KdcacheError(f"dataset path {dataset} does not exist")
         else:
-            ds = datasets.load_dataset(dataset, config, split=split)
+            ds = datasets.load_dataset(dataset, config or DEFAULT_CONFIGS.get(dataset), split=split, cache_dir=cache_dir)
     except KdcacheError:
         raise
     except Exception as exc:  # datasets raises many types (FileNotFoundError, ConnectionError, ValueError...)

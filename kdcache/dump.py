@@ -97,7 +97,7 @@ def dump_teacher(cfg: DumpConfig) -> dict[str, Any]:
         raise KdcacheError(f"--topk {cfg.topk} exceeds the teacher's vocabulary ({vocab} tokens)")
     prefix = default_prefix(getattr(mconf, "model_type", ""), cfg.prefix)
     columns = resolve_columns(task, cfg.input_column, cfg.target_column, cfg.text_column)
-    ds = load_rows(cfg.dataset, cfg.dataset_config, cfg.split, cfg.limit)
+    ds = load_rows(cfg.dataset, cfg.dataset_config, cfg.split, cfg.limit, cfg.cache_dir)
     check_columns(ds, columns, cfg.dataset)
     data = tokenize(
         ds, tok, task, columns, prefix=prefix,

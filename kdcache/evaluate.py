@@ -33,6 +33,14 @@ log = logging.getLogger("kdcache")
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
 
+def bleu(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Corpus BLEU by sacrebleu with its defaults (13a tokenization, one reference per example), on
+    sacrebleu's 0–100 scale."""
+    import sacrebleu
+
+    return {"bleu": sacrebleu.corpus_bleu(predictions, [references]).score}
+
+
 def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
     """Mean ROUGE-1/2/L/Lsum F-measures (fractions), with Porter stemming, as computed by
     Google's ``rouge-score``. ROUGE-Lsum treats newlines as sentence boundaries."""
@@ -105,7 +113,11 @@ def generate(
     for ids, labels in zip(data.input_ids, data.labels):
         prompts.append(ids if task == "seq2seq" else ids[: len(ids) - len(labels)])
     preds: list[str] = [""] * len(prompts)
-    gen_kwargs = {"num_beams": cfg.num_beams, "max_new_tokens": cfg.max_new_tokens, "do_sample": False, "pad_token_id": tok.pad_token_id}
+    gen_kwargs = {
+        "num_beams": cfg.num_beams, "max_new_tokens": cfg.max_new_tokens, "min_new_tokens": cfg.min_new_tokens,
+        "length_penalty": cfg.length_penalty, "no_repeat_ngram_size": cfg.no_repeat_ngram_size,
+        "do_sample": False, "pad_token_id": tok.pad_token_id,
+    }
     for idx in tqdm(length_grouped_batches([len(p) for p in prompts], cfg.batch_size), desc="generate", disable=None, leave=False):
         L = max(len(prompts[i]) for i in idx)
         input_ids = torch.full((len(idx), L), tok.pad_token_id, dtype=torch.long)
@@ -135,9 +147,10 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     task = detect_task(mconf, cfg.task)
     tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     columns = resolve_columns(task, cfg.input_column, cfg.target_column, cfg.text_column)
-    if "rouge" in cfg.metrics and columns.text:
-        raise KdcacheError("--metric rouge needs a reference: give --input-column and --target-column (a text column has none)")
-    ds = load_rows(cfg.dataset, cfg.dataset_config, cfg.split, cfg.limit)
+    generated = [m for m in cfg.metrics if m in ("rouge", "bleu")]
+    if generated and columns.text:
+        raise KdcacheError(f"--metric {generated[0]} needs a reference: give --input-column and --target-column (a text column has none)")
+    ds = load_rows(cfg.dataset, cfg.dataset_config, cfg.split, cfg.limit, cfg.cache_dir)
     check_columns(ds, columns, cfg.dataset)
     prefix = default_prefix(getattr(mconf, "model_type", ""), cfg.prefix)
     data = tokenize(ds, tok, task, columns, prefix=prefix, max_input_length=cfg.max_input_length, max_target_length=cfg.max_target_length)
@@ -150,9 +163,12 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if "perplexity" in cfg.metrics:
         ppl = perplexity(model, data, task, tok, device, cfg.batch_size)
         results.update({"loss": ppl["loss"], "perplexity": ppl["perplexity"]})
-    if "rouge" in cfg.metrics:
+    if generated:
         predictions = generate(model, data, task, tok, device, cfg)
-        results.update(rouge(predictions, data.references))
+        if "rouge" in cfg.metrics:
+            results.update(rouge(predictions, data.references))
+        if "bleu" in cfg.metrics:
+            results.update(bleu(predictions, data.references))
     results["examples"] = len(data)
     samples = [
         {"row": row, "prompt": p, "reference": r, **({"prediction": predictions[i]} if predictions is not None else {})}

@@ -1,6 +1,7 @@
 """Offline fixtures: tiny T5-style and GPT-2-style models with tokenizers trained on the fly from the
-Python standard library's source, saved with ``save_pretrained`` and loaded back through the same
-code path as hub models; and a small code → docstring dataset written as JSONL."""
+Python standard library's source (the builders are kdcache's own, shared with --dry-run), saved with
+``save_pretrained`` and loaded back through the same code path as hub models; and a small code →
+docstring dataset written as JSONL."""
 
 from __future__ import annotations
 
@@ -10,9 +11,8 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+
+from kdcache.dryrun import build_tokenizer, tiny_model
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 MODULES = ["textwrap.py", "string.py", "shlex.py", "fnmatch.py", "glob.py", "heapq.py", "bisect.py", "colorsys.py", "calendar.py"]
@@ -32,40 +32,16 @@ def stdlib_functions(limit: int = 80) -> list[dict[str, str]]:
     return rows[:limit]
 
 
-def _train_tokenizer(kind: str, vocab_size: int = 400) -> PreTrainedTokenizerFast:
-    text = [(STDLIB / m).read_text() for m in MODULES]
-    specials = ["<pad>", "</s>", "<unk>"] if kind == "t5" else ["<|endoftext|>"]
-    tok = Tokenizer(models.BPE(unk_token="<unk>" if kind == "t5" else None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    tok.train_from_iterator(text, trainer)
-    if kind == "t5":
-        # T5's convention: every encoded sequence ends with </s>.
-        tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))])
-        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+def _train_tokenizer(kind: str, vocab_size: int = 400):
+    return build_tokenizer([(STDLIB / m).read_text() for m in MODULES], kind, vocab_size)
 
 
-def _t5(tok: PreTrainedTokenizerFast, d_model: int, layers: int, seed: int) -> T5ForConditionalGeneration:
-    torch.manual_seed(seed)
-    cfg = T5Config(
-        vocab_size=len(tok) + 16,  # padded past the tokenizer, like t5-small's 32128 vs 32100
-        d_model=d_model, d_kv=16, d_ff=2 * d_model, num_layers=layers, num_decoder_layers=layers, num_heads=2,
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id,
-    )
-    return T5ForConditionalGeneration(cfg)
+def _t5(tok, d_model: int, layers: int, seed: int):
+    return tiny_model(tok, "t5", d_model, layers, seed)
 
 
-def _gpt2(tok: PreTrainedTokenizerFast, d_model: int, layers: int, seed: int) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    cfg = GPT2Config(
-        vocab_size=len(tok), n_embd=d_model, n_layer=layers, n_head=2, n_positions=512,
-        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
-    )
-    return GPT2LMHeadModel(cfg)
+def _gpt2(tok, d_model: int, layers: int, seed: int):
+    return tiny_model(tok, "gpt2", d_model, layers, seed)
 
 
 def run_cli(args, capsys) -> tuple[int, str, str]:
