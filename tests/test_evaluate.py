@@ -63,3 +63,27 @@ def test_causal_perplexity_on_a_text_column(models_dir, dataset_file):
 def test_rouge_needs_a_reference(models_dir, dataset_file):
     with pytest.raises(KdcacheError, match="needs a reference"):
         evaluate(EvalConfig(model=models_dir["gpt2_teacher"], dataset=dataset_file, text_column="text", metrics=["rouge"], device="cpu"))
+
+
+def test_bleu_equals_sacrebleu():
+    import sacrebleu
+
+    from kdcache.evaluate import bleu
+
+    preds = ["the cat sat on the mat today", "a quick brown fox"]
+    refs = ["the cat sat on a mat today", "the quick brown fox jumps"]
+    assert bleu(preds, refs)["bleu"] == pytest.approx(sacrebleu.corpus_bleu(preds, [refs]).score)
+
+
+def test_several_models_side_by_side(models_dir, dataset_file, tmp_path, capsys):
+    from conftest import run_cli
+
+    code, out, err = run_cli(["evaluate", "--model", models_dir["t5_teacher"], "--model", models_dir["t5_student"], "--dataset", dataset_file,
+                              "--split", "train", "--limit", 3, "--metric", "rouge", "--metric", "bleu", "--max-new-tokens", 6,
+                              "--num-beams", 2, "--length-penalty", 0.8, "--no-repeat-ngram-size", 2, "--output", tmp_path / "ev"], capsys)
+    assert code == 0, err
+    header = out.splitlines()[0]
+    assert "t5_teacher" in header and "t5_student" in header
+    table = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert set(table) == {"t5_teacher", "t5_student"} and "bleu" in table["t5_student"]
+    assert (tmp_path / "ev" / "t5_teacher" / "samples.jsonl").exists()
