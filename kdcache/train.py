@@ -300,8 +300,9 @@ def train_student(cfg: TrainConfig) -> dict[str, Any]:
         if diff:
             k = diff[0]
             raise KdcacheError(f"--resume: the checkpoint was made with {k}={old.get(k)!r}, this run has {k}={getattr(cfg, k)!r}; use the same settings")
-    if cfg.overwrite and not cfg.resume:
+    if cfg.overwrite and not cfg.resume:  # start over: nothing of the earlier run may pass for this one's
         shutil.rmtree(ckpt_dir, ignore_errors=True)
+        shutil.rmtree(best_dir, ignore_errors=True)
 
     _seed_everything(cfg.seed)
     model = load_model(cfg.student, task, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)

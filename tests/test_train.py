@@ -142,3 +142,17 @@ def test_validation_best_model_and_early_stopping(models_dir, dataset_file, t5_c
     assert s["best_val_loss"] == min(v["val_loss"] for v in vals) and vals[-1]["val_loss"] >= s["best_val_loss"]
     assert (tmp_path / "r" / "best_model" / "model.safetensors").exists() and (tmp_path / "r" / "final_model").exists()
     assert "validation loss" in (tmp_path / "r" / "logs" / "main.log").read_text()
+
+
+def test_dataloader_workers_split_the_blocks_and_the_batch_count_is_exact(t5_cache):
+    from functools import partial
+
+    from kdcache.batching import collate
+
+    stream = CacheStream(t5_cache, seed=0, shuffle_buffer=8)
+    loader = torch.utils.data.DataLoader(stream, batch_size=4, num_workers=2, multiprocessing_context="spawn",
+                                         collate_fn=partial(collate, task="seq2seq", pad_id=0))
+    batches = list(loader)
+    assert len(batches) == stream.num_batches(0, 4, 2)
+    seen = sorted(tuple(row[row != 0].tolist()) for b in batches for row in b["input_ids"])
+    assert seen == sorted(tuple(stream.cache[i]["input_ids"].tolist()) for i in range(40))
