@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from .errors import KdcacheError
+from .errors import KdcacheError, first_line
 
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -90,8 +90,7 @@ def load_rows(dataset: str, config: str | None = None, split: str = "train", lim
     except KdcacheError:
         raise
     except Exception as exc:  # datasets raises many types (FileNotFoundError, ConnectionError, ValueError...)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise KdcacheError(f"cannot load dataset {dataset!r}: {first}") from exc
+        raise KdcacheError(f"cannot load dataset {dataset!r}: {first_line(exc)}") from exc
     if len(ds) == 0:
         raise KdcacheError(f"dataset {dataset} (split {split!r}) is empty")
     if limit is not None:

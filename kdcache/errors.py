@@ -8,3 +8,9 @@ every other exception is a bug and keeps its traceback.
 
 class KdcacheError(Exception):
     """Bad input or state: reported in one line, exit code 2, no traceback unless ``--debug``."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (library errors can span pages)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -18,7 +18,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from .errors import KdcacheError
+from .errors import KdcacheError, first_line
 
 TASKS = ("seq2seq", "causal")
 
@@ -65,8 +65,7 @@ def load_config(name_or_path: str, *, trust_remote_code: bool = False, what: str
     try:
         return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise KdcacheError(f"cannot load {what} {name_or_path!r}: {first}") from exc
+        raise KdcacheError(f"cannot load {what} {name_or_path!r}: {first_line(exc)}") from exc
 
 
 def detect_task(config: PretrainedConfig, override: str | None = None) -> str:
@@ -83,8 +82,7 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> Pre
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise KdcacheError(f"cannot load a tokenizer from {name_or_path!r}: {first}") from exc
+        raise KdcacheError(f"cannot load a tokenizer from {name_or_path!r}: {first_line(exc)}") from exc
     if tok.pad_token_id is None:
         # GPT-2-style tokenizers have no pad token; padding positions are masked everywhere, so the
         # EOS id is a safe filler and keeps the vocabulary (and the fingerprint) unchanged.
@@ -104,8 +102,7 @@ def load_model(
     try:
         model = cls.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise KdcacheError(f"cannot load {task} model {name_or_path!r}: {first}") from exc
+        raise KdcacheError(f"cannot load {task} model {name_or_path!r}: {first_line(exc)}") from exc
     return model
 
 
