@@ -223,10 +223,23 @@ def train_student_cmd(**kw: Any) -> None:
 @opt(EvalConfig, "no_repeat_ngram_size", type=int)
 @opt(EvalConfig, "batch_size", type=int)
 @opt(EvalConfig, "output", help="Write results.json and samples.jsonl here (one subfolder per model when several).")
+@click.option("--k", "ks", default=None, help="pass@k: comma-separated k values, e.g. 1,10,20. [default: 1,10]")
+@opt(EvalConfig, "num_samples", type=int, help="pass@k: completions sampled per HumanEval problem.")
+@opt(EvalConfig, "temperature", type=float, help="pass@k: sampling temperature.")
+@opt(EvalConfig, "top_p", type=float, help="pass@k: nucleus sampling.")
+@opt(EvalConfig, "execution_timeout", type=float, help="pass@k: seconds per program in the sandbox.")
+@click.option("--allow-code-execution", is_flag=True, default=None,
+              help="pass@k runs model-written code in a sandbox (see README); it is refused without this flag or KDCACHE_ALLOW_CODE_EXECUTION=1.")
 @_common
 def evaluate_cmd(**kw: Any) -> None:
-    """Generate and score: ROUGE-1/2/L/Lsum (rouge-score, stemmed), BLEU (sacrebleu) and token perplexity."""
+    """Generate and score: ROUGE-1/2/L/Lsum (rouge-score, stemmed), BLEU (sacrebleu), token perplexity,
+    and HumanEval pass@k (sampled completions executed in a sandbox; no --dataset needed)."""
     models = list(kw.pop("models")) or [None]
+    if kw.get("ks"):
+        try:
+            kw["ks"] = [int(k) for k in kw["ks"].split(",") if k.strip()]
+        except ValueError:
+            raise KdcacheError(f"--k takes comma-separated integers, e.g. 1,10,20 (got {kw['ks']!r})") from None
     if _dry_run({**kw, "model": models[0]}, "evaluate", "model", EvalConfig):
         return
     output = kw.pop("output")

@@ -8,7 +8,7 @@ from typing import Any
 from .errors import KdcacheError
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
-METRICS = ("rouge", "bleu", "perplexity")
+METRICS = ("rouge", "bleu", "perplexity", "pass@k")
 
 
 def _require(cond: bool, message: str) -> None:
@@ -137,10 +137,22 @@ class EvalConfig(DataOptions):
     no_repeat_ngram_size: int = 0
     batch_size: int = 8
     output: str | None = None
+    # pass@k on HumanEval (sampled completions run in kdcache's sandbox)
+    ks: list[int] = field(default_factory=lambda: [1, 10])
+    num_samples: int = 20
+    temperature: float = 0.8
+    top_p: float = 0.95
+    allow_code_execution: bool = False
+    execution_timeout: float = 10.0
 
     def validate(self) -> None:
         _require(bool(self.model), "--model is required")
         super().validate()
+        _require(all(k >= 1 for k in self.ks), f"--k values must be at least 1 (got {self.ks})")
+        _require(self.num_samples >= 1, f"--num-samples must be at least 1 (got {self.num_samples})")
+        _require(self.temperature > 0, f"--temperature must be positive (got {self.temperature})")
+        _require(0 < self.top_p <= 1, f"--top-p must be in (0, 1] (got {self.top_p})")
+        _require(self.execution_timeout > 0, f"--execution-timeout must be positive (got {self.execution_timeout})")
         for m in self.metrics:
             _require(m in METRICS, f"--metric must be one of {', '.join(METRICS)} (got {m!r})")
         _require(bool(self.metrics), "at least one --metric is required")

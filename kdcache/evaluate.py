@@ -18,6 +18,7 @@ from .config import EvalConfig
 from .data import Tokenized, check_columns, load_rows, resolve_columns, tokenize
 from .dump import default_prefix
 from .errors import KdcacheError
+from .sandbox import ENV_FLAG, execution_allowed
 from .losses import IGNORE_INDEX, cross_entropy_per_token
 from .models import (
     detect_task,
@@ -145,17 +146,25 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     mconf = load_config(cfg.model, trust_remote_code=cfg.trust_remote_code)
     task = detect_task(mconf, cfg.task)
+    if "pass@k" in cfg.metrics:
+        if not execution_allowed(cfg.allow_code_execution):
+            raise KdcacheError(f"--metric pass@k executes model-written code; allow it with --allow-code-execution (or {ENV_FLAG}=1)")
+        if task != "causal":
+            raise KdcacheError(f"--metric pass@k completes Python functions and needs a causal model; {cfg.model} is {task}")
     tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    columns = resolve_columns(task, cfg.input_column, cfg.target_column, cfg.text_column)
-    generated = [m for m in cfg.metrics if m in ("rouge", "bleu")]
-    if generated and columns.text:
-        raise KdcacheError(f"--metric {generated[0]} needs a reference: give --input-column and --target-column (a text column has none)")
-    ds = load_rows(cfg.dataset, cfg.dataset_config, cfg.split, cfg.limit, cfg.cache_dir)
-    check_columns(ds, columns, cfg.dataset)
-    prefix = default_prefix(getattr(mconf, "model_type", ""), cfg.prefix)
-    data = tokenize(ds, tok, task, columns, prefix=prefix, max_input_length=cfg.max_input_length, max_target_length=cfg.max_target_length)
-    if data.truncated_inputs or data.skipped_empty:
-        log.warning("preprocessing: %d inputs truncated to %d tokens, %d empty examples skipped", data.truncated_inputs, cfg.max_input_length, data.skipped_empty)
+    data_metrics = [m for m in cfg.metrics if m != "pass@k"]  # pass@k brings its own problems
+    data = Tokenized()
+    if data_metrics:
+        columns = resolve_columns(task, cfg.input_column, cfg.target_column, cfg.text_column)
+        generated = [m for m in cfg.metrics if m in ("rouge", "bleu")]
+        if generated and columns.text:
+            raise KdcacheError(f"--metric {generated[0]} needs a reference: give --input-column and --target-column (a text column has none)")
+        ds = load_rows(cfg.dataset, cfg.dataset_config, cfg.split, cfg.limit, cfg.cache_dir)
+        check_columns(ds, columns, cfg.dataset)
+        prefix = default_prefix(getattr(mconf, "model_type", ""), cfg.prefix)
+        data = tokenize(ds, tok, task, columns, prefix=prefix, max_input_length=cfg.max_input_length, max_target_length=cfg.max_target_length)
+        if data.truncated_inputs or data.skipped_empty:
+            log.warning("preprocessing: %d inputs truncated to %d tokens, %d empty examples skipped", data.truncated_inputs, cfg.max_input_length, data.skipped_empty)
     model = load_model(cfg.model, task, trust_remote_code=cfg.trust_remote_code).to(device).eval()
 
     results: dict[str, Any] = {}
@@ -163,13 +172,20 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if "perplexity" in cfg.metrics:
         ppl = perplexity(model, data, task, tok, device, cfg.batch_size)
         results.update({"loss": ppl["loss"], "perplexity": ppl["perplexity"]})
-    if generated:
+    if any(m in ("rouge", "bleu") for m in cfg.metrics):
         predictions = generate(model, data, task, tok, device, cfg)
         if "rouge" in cfg.metrics:
             results.update(rouge(predictions, data.references))
         if "bleu" in cfg.metrics:
             results.update(bleu(predictions, data.references))
-    results["examples"] = len(data)
+    humaneval_samples = None
+    if "pass@k" in cfg.metrics:
+        from .humaneval import evaluate_humaneval
+
+        passk, humaneval_samples = evaluate_humaneval(model, tok, cfg, device)
+        results.update(passk)
+    if data_metrics:
+        results["examples"] = len(data)
     samples = [
         {"row": row, "prompt": p, "reference": r, **({"prediction": predictions[i]} if predictions is not None else {})}
         for i, (row, p, r) in enumerate(zip(data.rows, data.prompts, data.references))
@@ -178,8 +194,13 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         out = Path(cfg.output)
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-        with (out / "samples.jsonl").open("w") as f:
-            for s in samples:
-                f.write(json.dumps(s, ensure_ascii=False) + "\n")
-    log.info("evaluated %s on %d examples in %.1f s", cfg.model, len(data), time.perf_counter() - t0)
-    return {"results": results, "samples": samples}
+        if data_metrics:
+            with (out / "samples.jsonl").open("w") as f:
+                for s in samples:
+                    f.write(json.dumps(s, ensure_ascii=False) + "\n")
+        if humaneval_samples is not None:
+            from .humaneval import write_samples
+
+            write_samples(humaneval_samples, out)
+    log.info("evaluated %s (%s) in %.1f s", cfg.model, ", ".join(cfg.metrics), time.perf_counter() - t0)
+    return {"results": results, "samples": samples, "humaneval_samples": humaneval_samples}
