@@ -49,6 +49,7 @@ def _data_options(cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any
         opt(cls, "prefix", help='Prepended to every input (default "summarize: " for T5-family models, "" otherwise).'),
         opt(cls, "max_input_length", type=int, help="Tokens kept per input (truncation is counted and reported)."),
         opt(cls, "max_target_length", type=int, help="Tokens kept per target."),
+        opt(cls, "max_seq_length", type=int, help="Causal: tokens kept per whole sequence (prompt + completion, or text); 384 saves memory."),
         opt(cls, "limit", type=int, help="Use only the first N rows."),
         opt(cls, "cache_dir", "--dataset-cache-dir", help="Where `datasets` keeps downloads."),
         opt(cls, "device", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N, mps."),
@@ -146,6 +147,7 @@ def create_config_cmd(path: str, overwrite: bool) -> None:
 
 @app.command("dump-teacher")
 @opt(DumpConfig, "model", help="Teacher: hub id or local save_pretrained folder.")
+@opt(DumpConfig, "student", help="The student you will train: its tokenizer is checked against the teacher's before any work.")
 @_data_options(DumpConfig)
 @opt(DumpConfig, "topk", type=int, help="Teacher entries kept per position (the rest of the mass goes to the tail bucket).")
 @opt(DumpConfig, "batch_size", type=int, help="Examples per teacher forward (batches are grouped by length).")

@@ -30,6 +30,7 @@ class DataOptions:
     prefix: str | None = None  # None: "summarize: " for T5-family models, "" otherwise
     max_input_length: int = 512
     max_target_length: int = 128
+    max_seq_length: int | None = None  # causal: cap on prompt + completion (or text) tokens
     limit: int | None = None
     task: str | None = None  # None: detected from the model's config
     trust_remote_code: bool = False
@@ -40,6 +41,7 @@ class DataOptions:
         _require(self.max_input_length >= 1, f"--max-input-length must be at least 1 (got {self.max_input_length})")
         _require(self.max_target_length >= 1, f"--max-target-length must be at least 1 (got {self.max_target_length})")
         _require(self.limit is None or self.limit >= 1, f"--limit must be at least 1 (got {self.limit})")
+        _require(self.max_seq_length is None or self.max_seq_length >= 2, f"--max-seq-length must be at least 2 (got {self.max_seq_length})")
         _require(self.task in (None, "seq2seq", "causal"), f"--task must be seq2seq or causal (got {self.task!r})")
 
     def to_dict(self) -> dict[str, Any]:
@@ -51,6 +53,7 @@ class DumpConfig(DataOptions):
     """``kdcache dump-teacher``: run the teacher once over a dataset, write its sparse targets."""
 
     model: str = "t5-large"
+    student: str | None = None  # when given, its tokenizer must be the teacher's (checked before any work)
     output: str = "./teacher_cache"
     topk: int = 64
     batch_size: int = 8

@@ -54,7 +54,19 @@ def resolve_columns(task: str, input_column: str | None, target_column: str | No
     return Columns(text="text")
 
 
-DEFAULT_CONFIGS = {"cnn_dailymail": "3.0.0", "abisee/cnn_dailymail": "3.0.0"}
+DEFAULT_CONFIGS = {"cnn_dailymail": "3.0.0", "abisee/cnn_dailymail": "3.0.0", "code_search_net": "python"}
+# Causal text column used when none is given and the dataset has no "text": CodeSearchNet's whole function.
+TEXT_COLUMN_FALLBACKS = ("whole_func_string",)
+
+
+def default_text_column(ds: Any, columns: Columns) -> Columns:
+    """Columns with the causal default ``text`` replaced by a known column of the dataset when it has
+    no ``text`` (CodeSearchNet: ``whole_func_string``)."""
+    if columns.text == "text" and "text" not in ds.column_names:
+        for name in TEXT_COLUMN_FALLBACKS:
+            if name in ds.column_names:
+                return Columns(text=name)
+    return columns
 
 
 def load_rows(dataset: str, config: str | None = None, split: str = "train", limit: int | None = None,
@@ -162,6 +174,7 @@ def tokenize(
     prefix: str = "",
     max_input_length: int = 512,
     max_target_length: int = 128,
+    max_seq_length: int | None = None,
     batch: int = 1000,
     desc: str = "tokenizing",
 ) -> Tokenized:
@@ -174,10 +187,10 @@ def tokenize(
         n = len(next(iter(rows.values())))
         if columns.text:
             texts = ["" if t is None else str(t) for t in rows[columns.text]]
-            ids, trunc = _encode(tok, texts, max_input_length, special=True)
+            ids, trunc = _encode(tok, texts, max_seq_length or max_input_length, special=True)
             out.truncated_inputs += trunc
             for j, seq in enumerate(ids):
-                if eos is not None and len(seq) < max_input_length and (not seq or seq[-1] != eos) and texts[j]:
+                if eos is not None and len(seq) < (max_seq_length or max_input_length) and (not seq or seq[-1] != eos) and texts[j]:
                     seq = seq + [eos]
                 if len(seq) < 2 or not texts[j].strip():
                     out.skipped_empty += 1
@@ -205,7 +218,11 @@ def tokenize(
                 seq, lab = src[j], tgt[j]
             else:
                 seq = src[j] + tgt[j]
-                lab = tgt[j] if src[j] else tgt[j][1:]  # the first token has no context to predict it from
+                if max_seq_length and len(seq) > max_seq_length:
+                    seq = seq[:max_seq_length]
+                    out.truncated_targets += 1
+                n_lab = len(seq) - len(src[j]) if src[j] else len(seq) - 1  # the first token has no context
+                lab = seq[len(seq) - n_lab :] if n_lab > 0 else []
             if len(lab) == 0 or not targets[j].strip():
                 out.skipped_empty += 1
                 continue

@@ -15,10 +15,11 @@ from .batching import collate, length_grouped_batches, model_inputs
 from .cache import CacheWriter
 from .cache import format as fmt
 from .config import DumpConfig
-from .data import check_columns, dataset_fingerprint, load_rows, resolve_columns, tokenize
+from .data import check_columns, default_text_column, dataset_fingerprint, load_rows, resolve_columns, tokenize
 from .errors import KdcacheError
 from .losses import IGNORE_INDEX
 from .models import (
+    check_same_tokenizer,
     count_parameters,
     detect_task,
     load_config,
@@ -92,16 +93,19 @@ def dump_teacher(cfg: DumpConfig) -> dict[str, Any]:
     mconf = load_config(cfg.model, trust_remote_code=cfg.trust_remote_code, what="teacher")
     task = detect_task(mconf, cfg.task)
     tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    if cfg.student:
+        check_same_tokenizer(cfg.model, tok, cfg.student, load_tokenizer(cfg.student, trust_remote_code=cfg.trust_remote_code))
     vocab = len(tok)
     if cfg.topk > vocab:
         raise KdcacheError(f"--topk {cfg.topk} exceeds the teacher's vocabulary ({vocab} tokens)")
     prefix = default_prefix(getattr(mconf, "model_type", ""), cfg.prefix)
     columns = resolve_columns(task, cfg.input_column, cfg.target_column, cfg.text_column)
     ds = load_rows(cfg.dataset, cfg.dataset_config, cfg.split, cfg.limit, cfg.cache_dir)
+    columns = default_text_column(ds, columns)
     check_columns(ds, columns, cfg.dataset)
     data = tokenize(
-        ds, tok, task, columns, prefix=prefix,
-        max_input_length=cfg.max_input_length, max_target_length=cfg.max_target_length,
+        ds, tok, task, columns, prefix=prefix, max_input_length=cfg.max_input_length,
+        max_target_length=cfg.max_target_length, max_seq_length=cfg.max_seq_length,
     )
     n = len(data)
     num_blocks = -(-n // cfg.block_size)
@@ -119,6 +123,7 @@ def dump_teacher(cfg: DumpConfig) -> dict[str, Any]:
         "prefix": prefix,
         "max_input_length": cfg.max_input_length,
         "max_target_length": cfg.max_target_length,
+        "max_seq_length": cfg.max_seq_length,
         "limit": cfg.limit,
         "block_size": cfg.block_size,
         "tokenizer_fingerprint": tokenizer_fingerprint(tok),

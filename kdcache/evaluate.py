@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .batching import collate, length_grouped_batches, model_inputs
 from .config import EvalConfig
-from .data import Tokenized, check_columns, load_rows, resolve_columns, tokenize
+from .data import Tokenized, check_columns, default_text_column, load_rows, resolve_columns, tokenize
 from .dump import default_prefix
 from .errors import KdcacheError
 from .sandbox import ENV_FLAG, execution_allowed
@@ -160,9 +160,11 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         if generated and columns.text:
             raise KdcacheError(f"--metric {generated[0]} needs a reference: give --input-column and --target-column (a text column has none)")
         ds = load_rows(cfg.dataset, cfg.dataset_config, cfg.split, cfg.limit, cfg.cache_dir)
+        columns = default_text_column(ds, columns)
         check_columns(ds, columns, cfg.dataset)
         prefix = default_prefix(getattr(mconf, "model_type", ""), cfg.prefix)
-        data = tokenize(ds, tok, task, columns, prefix=prefix, max_input_length=cfg.max_input_length, max_target_length=cfg.max_target_length)
+        data = tokenize(ds, tok, task, columns, prefix=prefix, max_input_length=cfg.max_input_length, max_target_length=cfg.max_target_length,
+                        max_seq_length=cfg.max_seq_length)
         if data.truncated_inputs or data.skipped_empty:
             log.warning("preprocessing: %d inputs truncated to %d tokens, %d empty examples skipped", data.truncated_inputs, cfg.max_input_length, data.skipped_empty)
     model = load_model(cfg.model, task, trust_remote_code=cfg.trust_remote_code).to(device).eval()

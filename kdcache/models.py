@@ -140,3 +140,25 @@ def quiet_transformers() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+
+
+# Teachers whose vocabulary differs from their usual students', and the variant that shares it.
+SHARED_TOKENIZER_VARIANTS = {"microsoft/CodeGPT-small-py": "microsoft/CodeGPT-small-py-adaptedGPT2"}
+
+
+def shared_tokenizer_hint(teacher: str) -> str:
+    """What to do when a teacher's tokenizer is not the student's."""
+    variant = SHARED_TOKENIZER_VARIANTS.get(teacher.rstrip("/"))
+    if variant:
+        return f"use a teacher that shares the student's tokenizer, e.g. {variant} (GPT-2's vocabulary)"
+    return "use a teacher and a student that share one tokenizer"
+
+
+def check_same_tokenizer(teacher: str, teacher_tok: PreTrainedTokenizerBase, student: str, student_tok: PreTrainedTokenizerBase) -> None:
+    """Refuse, before any work, a teacher/student pair whose token ids mean different strings."""
+    a, b = tokenizer_fingerprint(teacher_tok), tokenizer_fingerprint(student_tok)
+    if a != b:
+        raise KdcacheError(
+            f"teacher {teacher} ({len(teacher_tok)} tokens) and student {student} ({len(student_tok)} tokens) have different "
+            f"tokenizers, so the teacher's token ids would be wrong for the student; {shared_tokenizer_hint(teacher)}"
+        )

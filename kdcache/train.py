@@ -36,6 +36,7 @@ from .models import (
     model_vocab_size,
     quiet_transformers,
     resolve_device,
+    shared_tokenizer_hint,
     tokenizer_fingerprint,
 )
 
@@ -256,7 +257,7 @@ def _check_cache_fits(cache: TeacherCache, tok: Any, student: str, what: str = "
         raise KdcacheError(
             f"student tokenizer ({student}, {len(tok)} tokens, {fp}) differs from the {what}'s "
             f"({meta['tokenizer']['name']}, {meta['tokenizer']['vocab_size']} tokens, {meta['tokenizer']['fingerprint']}): "
-            "token ids would not mean the same strings; use a student that shares the teacher's tokenizer"
+            f"token ids would not mean the same strings; {shared_tokenizer_hint(meta['tokenizer']['name'])}"
         )
 
 
@@ -457,10 +458,23 @@ def train_student(cfg: TrainConfig) -> dict[str, Any]:
             handler.close()
     total_tokens += window["tokens"]
     _atomic_json(log_dir / "training_metrics.json", history)
+    elapsed = time.perf_counter() - t_start
+    # The files the Hugging Face Trainer leaves beside a model, for tools that read them.
+    last_train = next((h for h in reversed(history) if "loss" in h), {})
+    last_val = next((h for h in reversed(history) if "val_loss" in h), {})
+    _atomic_json(final_dir / "trainer_state.json", {
+        "global_step": step, "epoch": history[-1]["epoch"] if history else 0, "max_steps": total_steps,
+        "best_metric": best if best < float("inf") else None, "best_model_checkpoint": str(best_dir) if best < float("inf") else None,
+        "log_history": history,
+    })
+    _atomic_json(final_dir / "train_results.json", {
+        "train_loss": last_train.get("loss"), "train_runtime": elapsed, "train_steps": step, "train_tokens": total_tokens,
+        "train_tokens_per_second": total_tokens / max(elapsed, 1e-9), "stopped_early": stopped_early,
+    })
+    _atomic_json(final_dir / "eval_results.json", {k.replace("val_", "eval_"): v for k, v in last_val.items() if k.startswith("val_")})
     from .plots import plot_run
 
     plot_run(out_dir, log_dir)
-    elapsed = time.perf_counter() - t_start
     last = next((h for h in reversed(history) if "loss" in h), {})
     summary = {
         "output": str(out_dir), "final_model": str(final_dir), "best_model": str(best_dir) if best < float("inf") else None,
