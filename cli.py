@@ -187,6 +187,7 @@ def dump_teacher_cmd(**kw: Any) -> None:
 @opt(TrainConfig, "seed", type=int)
 @opt(TrainConfig, "device")
 @click.option("--mixed-precision/--no-mixed-precision", "mixed_precision", default=None, help="bf16 (or fp16 + loss scaling) autocast on CUDA; CPU always trains in fp32. [default: on]")
+@opt(TrainConfig, "amp_dtype", type=click.Choice(["auto", "bf16", "fp16"]), help="Autocast dtype with mixed precision on CUDA (auto: bf16 where supported, else fp16 + loss scaling).")
 @opt(TrainConfig, "log_every", "--log-every", "--logging-steps", type=int, help="Steps between metric records.")
 @opt(TrainConfig, "eval_steps", type=int, help="Steps between validations (with --val-cache).")
 @opt(TrainConfig, "save_steps", type=int, help="Steps between checkpoints.")

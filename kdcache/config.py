@@ -92,6 +92,7 @@ class TrainConfig:
     seed: int = 42
     device: str = "auto"
     mixed_precision: bool = True  # bf16 autocast on GPUs that support it, else fp16 with a scaler; never on CPU
+    amp_dtype: str = "auto"  # auto, bf16 or fp16: the autocast dtype when mixed precision is on
     log_every: int = 100
     eval_steps: int = 500
     save_steps: int = 1000
@@ -121,6 +122,7 @@ class TrainConfig:
         _require(self.num_workers >= 0, f"--num-workers must not be negative (got {self.num_workers})")
         _require(self.max_grad_norm > 0, f"--max-grad-norm must be positive (got {self.max_grad_norm})")
         _require(self.patience is None or self.patience >= 1, f"--patience must be at least 1 (got {self.patience})")
+        _require(self.amp_dtype in ("auto", "bf16", "fp16"), f"--amp-dtype must be auto, bf16 or fp16 (got {self.amp_dtype!r})")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -103,11 +103,12 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _precision(device: torch.device, enabled: bool) -> tuple[Any, torch.amp.GradScaler]:
-    """(autocast context factory, grad scaler) for the device: bf16 autocast on GPUs that have it,
-    fp16 autocast with a loss scaler on other CUDA GPUs, fp32 everywhere else."""
+def _precision(device: torch.device, enabled: bool, amp_dtype: str = "auto") -> tuple[Any, torch.amp.GradScaler]:
+    """(autocast context factory, grad scaler) for the device: with ``amp_dtype`` auto, bf16 autocast on
+    GPUs that have it and fp16 autocast with a loss scaler on other CUDA GPUs; ``fp16`` or ``bf16``
+    force one; fp32 everywhere else (CPU, MPS, or mixed precision off)."""
     if enabled and device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
+        if amp_dtype == "bf16" or (amp_dtype == "auto" and torch.cuda.is_bf16_supported()):
             return partial(torch.autocast, "cuda", dtype=torch.bfloat16), torch.amp.GradScaler("cuda", enabled=False)
         return partial(torch.autocast, "cuda", dtype=torch.float16), torch.amp.GradScaler("cuda", enabled=True)
     return contextlib.nullcontext, torch.amp.GradScaler(device.type if device.type == "cuda" else "cpu", enabled=False)
@@ -310,7 +311,7 @@ def train_student(cfg: TrainConfig) -> dict[str, Any]:
     if model_vocab_size(model) < vocab:
         raise KdcacheError(f"student {cfg.student} has {model_vocab_size(model)} output rows, fewer than the cache's vocabulary ({vocab})")
     model.to(device).train()
-    autocast, scaler = _precision(device, cfg.mixed_precision)
+    autocast, scaler = _precision(device, cfg.mixed_precision, cfg.amp_dtype)
 
     stream = CacheStream(cfg.cache, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer)
     collate_fn = partial(

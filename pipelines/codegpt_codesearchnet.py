@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         temperature=args.temperature, **kdcache_weights(args.alpha), epochs=args.epochs, max_steps=args.max_steps,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, grad_accum=args.gradient_accumulation_steps,
         warmup_steps=args.warmup_steps, eval_steps=args.eval_steps, save_steps=args.save_steps, log_every=args.logging_steps,
-        mixed_precision=True, device=args.device, overwrite=args.overwrite,
+        mixed_precision=True, amp_dtype=args.amp_dtype, device=args.device, overwrite=args.overwrite,
     ))
     test = {**data, "split": "test", "limit": args.test_size}
     results = {"perplexity": evaluate(EvalConfig(model=summary["final_model"], metrics=["perplexity"], **test))["results"]}
@@ -97,6 +97,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--save-steps", type=int, default=1000)
     ap.add_argument("--logging-steps", type=int, default=50)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--amp-dtype", default="fp16", choices=["auto", "bf16", "fp16"], help="the workflow trains in fp16 on the GPU")
     ap.add_argument("--output", default="./codegpt_codesearchnet")
     ap.add_argument("--overwrite", action="store_true")
     ap.add_argument("--allow-code-execution", action="store_true", help="also score HumanEval pass@k (runs model-written code in kdcache's sandbox)")
