@@ -3,7 +3,6 @@
 import json
 
 import numpy as np
-import pytest
 import torch
 import zarr
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
@@ -57,7 +56,6 @@ def test_causal_prompt_completion_cache_matches_a_fresh_forward(models_dir, data
     dump_teacher(DumpConfig(model=models_dir["gpt2_teacher"], dataset=dataset_file, output=str(out), topk=5, batch_size=4, block_size=16,
                             input_column="highlights", target_column="article", max_target_length=64, device="cpu"))
     cache = open_cache(out)
-    tok = AutoTokenizer.from_pretrained(models_dir["gpt2_teacher"])
     model = AutoModelForCausalLM.from_pretrained(models_dir["gpt2_teacher"]).eval()
     assert cache.meta["task"] == "causal" and cache.meta["prefix"] == ""
     assert cache.meta["preprocessing"]["truncated_targets"] > 0  # articles over 64 tokens were cut, and counted
