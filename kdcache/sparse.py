@@ -85,3 +85,52 @@ def retemper(
     entries_t = logprobs / temperature
     z = torch.logsumexp(torch.cat([entries_t, tail_t.unsqueeze(-1)], dim=-1), dim=-1)
     return entries_t - z.unsqueeze(-1), tail_t - z
+
+
+@torch.no_grad()
+def sampled_targets(
+    logits: torch.Tensor, n_samples: int, k_head: int = 0, generator: torch.Generator | None = None, row_chunk: int = 1024
+) -> SparseTargets:
+    """Unbiased sparse estimates of the teacher distribution (random-sampling KD, Anshumann et al. 2025).
+
+    ``k_head = 0`` (``sample``): ``n_samples`` ids drawn with replacement from p; each unique id gets
+    weight count / n_samples, so E[weight_i] = p_i. ``k_head > 0`` (``topk+sample``): the exact top-k
+    head, plus ``n_samples`` draws from the rest of the distribution (renormalised), each unique id
+    weighted tail_mass · count / n_samples, so the estimate of every tail id is unbiased too.
+
+    Returns ids (N, k_head + n_samples), logprobs (log weights; -inf in unused slots, sorted by
+    weight within each part), tail (N,) = -inf (the estimate sums to 1), entropy and captured (the
+    exact head's mass; 1 - captured is what the samples estimate).
+    """
+    n, vocab = logits.shape
+    if not (0 <= k_head < vocab and 1 <= n_samples <= vocab - k_head):
+        raise ValueError(f"need 0 <= k_head < {vocab} and 1 <= n_samples <= {vocab - k_head}, got {k_head}, {n_samples}")
+    parts: list[tuple[torch.Tensor, ...]] = []
+    for start in range(0, max(n, 1), row_chunk):
+        logp = torch.log_softmax(logits[start : start + row_chunk].float(), dim=-1)
+        entropy = -(logp.exp() * logp).nan_to_num(0.0).sum(-1)
+        rows = logp.shape[0]
+        if k_head:
+            head_lp, head_ids = logp.topk(k_head, dim=-1)
+            rest = logp.scatter(-1, head_ids, float("-inf"))
+            rest_mass = torch.logsumexp(rest, dim=-1)  # log of the mass the head leaves
+        else:
+            head_lp = logp.new_empty(rows, 0)
+            head_ids = torch.empty(rows, 0, dtype=torch.long, device=logp.device)
+            rest, rest_mass = logp, logp.new_zeros(rows)
+        draws = torch.multinomial(rest.exp(), n_samples, replacement=True, generator=generator)  # (rows, n)
+        counts = torch.zeros_like(logp).scatter_add_(-1, draws, torch.ones_like(draws, dtype=logp.dtype))
+        top_counts, ids = counts.topk(n_samples, dim=-1)  # at most n_samples unique ids
+        weights = torch.where(top_counts > 0, torch.log(top_counts / n_samples) + rest_mass.unsqueeze(-1),
+                              torch.full_like(top_counts, float("-inf")))
+        parts.append((torch.cat([head_ids, ids], -1), torch.cat([head_lp, weights], -1),
+                      torch.full((rows,), float("-inf"), device=logp.device), entropy, head_lp.exp().sum(-1)))
+    ids, lps, tails, ents, caps = (torch.cat(p) for p in zip(*parts))
+    return SparseTargets(ids=ids, logprobs=lps, tail=tails, entropy=ents, captured=caps)
+
+
+def to_dense(ids: torch.Tensor, logprobs: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Sparse entries (N, k) → dense probabilities (N, V) (the tail bucket is left out); for tests and
+    fidelity measurements, never on the training path."""
+    probs = torch.where(torch.isfinite(logprobs), logprobs.exp(), torch.zeros_like(logprobs))
+    return torch.zeros(ids.shape[0], vocab_size, dtype=probs.dtype, device=probs.device).scatter_add_(-1, ids, probs)

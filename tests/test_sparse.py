@@ -60,3 +60,41 @@ def test_retemper_tail_is_the_uniform_spread_bucket():
     lp_t2, tail_t2 = retemper(lp_pad, torch.log(probs[k:].sum()), T, V)
     torch.testing.assert_close(tail_t2, tail_t)
     assert torch.isinf(lp_t2[-1])
+
+
+def _monte_carlo_mean(make, p_logits, trials=20000):
+    """Average of the dense reconstruction over many independent draws for the same distribution."""
+    from kdcache.sparse import to_dense
+
+    t = make(p_logits.expand(trials, -1).contiguous())
+    return to_dense(t.ids, t.logprobs, p_logits.shape[-1]).mean(0)
+
+
+def test_sampled_targets_are_unbiased_and_topk_renormalised_is_not():
+    from kdcache.sparse import sampled_targets
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 24) * 2
+    p = logits.softmax(-1)[0]
+    g = torch.Generator().manual_seed(1)
+    sample = _monte_carlo_mean(lambda x: sampled_targets(x, 12, generator=g), logits)
+    head_and_sample = _monte_carlo_mean(lambda x: sampled_targets(x, 6, k_head=4, generator=g), logits)
+    torch.testing.assert_close(sample, p, atol=4e-3, rtol=0)
+    torch.testing.assert_close(head_and_sample, p, atol=4e-3, rtol=0)
+    # top-4 renormalised (the biased choice): mass moved onto the head, none on the tail
+    top = topk_targets(logits, 4)
+    renorm = torch.zeros_like(p).scatter_(-1, top.ids[0], (top.logprobs[0] - torch.logsumexp(top.logprobs[0], -1)).exp())
+    assert (renorm - p).abs().max() > 0.02
+
+
+def test_sampled_targets_shape_seed_and_mass():
+    from kdcache.sparse import sampled_targets
+
+    logits = torch.randn(5, 50)
+    a = sampled_targets(logits, 12, k_head=3, generator=torch.Generator().manual_seed(7))
+    b = sampled_targets(logits, 12, k_head=3, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.logprobs, b.logprobs)  # reproducible from the seed
+    assert a.ids.shape == (5, 15) and torch.isinf(a.tail).all()
+    lp = a.logprobs
+    torch.testing.assert_close(torch.where(torch.isfinite(lp), lp.exp(), 0).sum(-1), torch.ones(5))  # each estimate sums to 1
+    torch.testing.assert_close(a.logprobs[:, :3], topk_targets(logits, 3).logprobs)  # the exact head
