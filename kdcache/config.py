@@ -8,6 +8,7 @@ from typing import Any
 from .errors import KdcacheError
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
+TARGETS = ("topk", "sample", "topk+sample")
 METRICS = ("rouge", "bleu", "perplexity", "pass@k")
 
 
@@ -56,6 +57,9 @@ class DumpConfig(DataOptions):
     student: str | None = None  # when given, its tokenizer must be the teacher's (checked before any work)
     output: str = "./teacher_cache"
     topk: int = 64
+    targets: str = "topk"  # topk | sample | topk+sample (see kdcache.sparse)
+    samples: int = 24  # draws per position for sample / topk+sample
+    seed: int = 0  # seeds the sampling (per block, so resume redraws the same)
     batch_size: int = 8
     block_size: int = 1024  # examples per block: the unit of writing, resuming and sharding
     dtype: str = "auto"
@@ -65,6 +69,8 @@ class DumpConfig(DataOptions):
         _require(bool(self.model), "--model is required")
         super().validate()
         _require(self.topk >= 1, f"--topk must be at least 1 (got {self.topk})")
+        _require(self.targets in TARGETS, f"--targets must be one of {', '.join(TARGETS)} (got {self.targets!r})")
+        _require(self.samples >= 1, f"--samples must be at least 1 (got {self.samples})")
         _require(self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})")
         _require(self.block_size >= 1, f"--block-size must be at least 1 (got {self.block_size})")
         _require(self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")

@@ -31,7 +31,7 @@ from .models import (
     resolve_dtype,
     tokenizer_fingerprint,
 )
-from .sparse import topk_targets
+from .sparse import sampled_targets, topk_targets
 
 log = logging.getLogger("kdcache")
 
@@ -56,10 +56,13 @@ def teacher_targets(
     pad_id: int,
     decoder_start_id: int | None,
     device: torch.device,
+    targets: str = "topk",
+    samples: int = 0,
+    generator: torch.Generator | None = None,
 ) -> dict[str, np.ndarray]:
     """Teacher forward on one batch → sparse targets for every distilled position, on the host.
 
-    Returns ``ids`` (T, k), ``logprobs`` (T, k) float32, ``tail`` (T,), ``entropy`` (T,) in the
+    Returns ``ids`` (T, slots), ``logprobs`` (T, slots) float32, ``tail`` (T,), ``entropy`` (T,) in the
     order of the examples' concatenated labels (T = total labels). Log-softmax and top-k run on
     the device; only these (T, k)-sized tensors cross to the host.
     """
@@ -70,12 +73,16 @@ def teacher_targets(
     # Only the tokenizer's ids are real tokens; padded embedding rows (T5: 32128 vs 32100) are dropped,
     # so teacher and student distributions live on the same vocabulary.
     rows = logits[..., :vocab_size][mask]
-    t = topk_targets(rows, k)
+    if targets == "topk":
+        t = topk_targets(rows, k)
+    else:  # "sample" (k = 0 head) or "topk+sample": unbiased estimates, see kdcache.sparse.sampled_targets
+        t = sampled_targets(rows, samples, k_head=k if targets == "topk+sample" else 0, generator=generator)
     return {
         "ids": t.ids.cpu().numpy(),
         "logprobs": t.logprobs.cpu().numpy(),
         "tail": t.tail.cpu().numpy(),
         "entropy": t.entropy.cpu().numpy(),
+        "captured": t.captured.cpu().numpy(),
     }
 
 
@@ -98,6 +105,10 @@ def dump_teacher(cfg: DumpConfig) -> dict[str, Any]:
     vocab = len(tok)
     if cfg.topk > vocab:
         raise KdcacheError(f"--topk {cfg.topk} exceeds the teacher's vocabulary ({vocab} tokens)")
+    head = cfg.topk if cfg.targets != "sample" else 0
+    if cfg.targets != "topk" and head + cfg.samples > vocab:
+        raise KdcacheError(f"--samples {cfg.samples} (+ top-{head}) exceeds the teacher's vocabulary ({vocab} tokens)")
+    slots = head + (cfg.samples if cfg.targets != "topk" else 0)
     prefix = default_prefix(getattr(mconf, "model_type", ""), cfg.prefix)
     columns = resolve_columns(task, cfg.input_column, cfg.target_column, cfg.text_column)
     ds = load_rows(cfg.dataset, cfg.dataset_config, cfg.split, cfg.limit, cfg.cache_dir)
@@ -112,8 +123,10 @@ def dump_teacher(cfg: DumpConfig) -> dict[str, Any]:
     params = {
         "teacher": cfg.model,
         "task": task,
-        "targets": "topk",
+        "targets": cfg.targets,
         "k": cfg.topk,
+        "samples": cfg.samples if cfg.targets != "topk" else None,
+        "seed": cfg.seed if cfg.targets != "topk" else None,
         "dtype": str(dtype).removeprefix("torch."),
         "dataset": cfg.dataset,
         "dataset_config": cfg.dataset_config,
@@ -133,8 +146,11 @@ def dump_teacher(cfg: DumpConfig) -> dict[str, Any]:
         "format_version": fmt.FORMAT_VERSION,
         "kdcache_version": __version__,
         "task": task,
-        "targets": "topk",
-        "k": cfg.topk,
+        "targets": cfg.targets,
+        # Slots per position: k exact entries, and/or up to `samples` sampled ids (-inf when unused).
+        "k": slots,
+        "topk": cfg.topk if cfg.targets != "sample" else 0,
+        "samples": cfg.samples if cfg.targets != "topk" else 0,
         "vocab_size": vocab,
         "index_dtype": fmt.index_dtype(vocab).name,
         "teacher": {
@@ -183,10 +199,13 @@ def dump_teacher(cfg: DumpConfig) -> dict[str, Any]:
             examples = [{"input_ids": data.input_ids[i], "labels": data.labels[i]} for i in range(lo, hi)]
             per_example: list[dict[str, np.ndarray] | None] = [None] * len(examples)
             lengths = [len(e["input_ids"]) + len(e["labels"]) for e in examples]
+            # Sampling is seeded per block, so a resumed dump draws exactly what an uninterrupted one would.
+            gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + b) if cfg.targets != "topk" else None
             for idx in length_grouped_batches(lengths, cfg.batch_size):
                 out = teacher_targets(
                     model, [examples[i] for i in idx], task, k=cfg.topk, vocab_size=vocab,
                     pad_id=tok.pad_token_id, decoder_start_id=decoder_start, device=device,
+                    targets=cfg.targets, samples=cfg.samples, generator=gen,
                 )
                 off = 0
                 for i in idx:  # back from length order to example order
@@ -202,6 +221,7 @@ def dump_teacher(cfg: DumpConfig) -> dict[str, Any]:
                 target_logprobs=np.concatenate([p["logprobs"] for p in per_example]),
                 tail_logprob=np.concatenate([p["tail"] for p in per_example]),
                 entropy=np.concatenate([p["entropy"] for p in per_example]),
+                captured=np.concatenate([p["captured"] for p in per_example]),
             )
     elapsed = time.perf_counter() - t_forward
     final = writer.finalize({"teacher": {**meta["teacher"], "parameters": count_parameters(model)}})

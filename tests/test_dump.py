@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 import zarr
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
@@ -114,3 +115,33 @@ def test_resume_after_partial_dump_gives_identical_arrays(models_dir, dataset_fi
     for i in range(12):
         for key, value in a[i].items():
             np.testing.assert_array_equal(value, b[i][key])
+
+
+@pytest.mark.parametrize("targets, slots", [("sample", 10), ("topk+sample", 14)])
+def test_sampled_targets_dump_reproducibly_and_train(targets, slots, models_dir, dataset_file, tmp_path):
+    from kdcache import TrainConfig, train_student
+
+    kw = dict(model=models_dir["gpt2_teacher"], dataset=dataset_file, text_column="text", limit=8, block_size=3, topk=4,
+              targets=targets, samples=10, seed=3, max_input_length=64, device="cpu")
+    dump_teacher(DumpConfig(output=str(tmp_path / "a"), **kw))
+    dump_teacher(DumpConfig(output=str(tmp_path / "b"), **kw))
+    # a "crash": block 1 lost and redone on resume draws the same samples
+    g = zarr.open_group(str(tmp_path / "b"), mode="r+", use_consolidated=False)
+    g.attrs["complete"] = False
+    del g["blocks/000001"]
+    dump_teacher(DumpConfig(output=str(tmp_path / "b"), **kw))
+    a, b = open_cache(tmp_path / "a"), open_cache(tmp_path / "b")
+    assert a.meta["targets"] == targets and a.meta["k"] == slots
+    for i in range(len(a)):
+        for key in ("target_ids", "target_logprobs", "tail_logprob"):
+            np.testing.assert_array_equal(a[i][key], b[i][key])
+        lp = a[i]["target_logprobs"].astype(np.float64)
+        np.testing.assert_allclose(np.where(np.isfinite(lp), np.exp(lp), 0).sum(-1), 1.0, atol=5e-3)  # estimates sum to 1
+        assert np.isinf(a[i]["tail_logprob"]).all()
+    assert a.meta["captured_mass_mean"] < 1.0 if targets == "topk+sample" else a.meta["captured_mass_mean"] == 0.0
+    from kdcache import verify_cache
+
+    assert verify_cache(tmp_path / "a") == []
+    s = train_student(TrainConfig(cache=str(tmp_path / "a"), student=models_dir["gpt2_student"], output=str(tmp_path / "run"),
+                                  max_steps=2, grad_accum=1, warmup_steps=0, temperature=1.0, device="cpu"))
+    assert s["steps"] == 2 and np.isfinite(s["loss"])

@@ -116,11 +116,13 @@ class CacheWriter:
         target_logprobs: np.ndarray,
         tail_logprob: np.ndarray,
         entropy: np.ndarray,
+        captured: np.ndarray | None = None,
     ) -> None:
         """Write block ``b`` (examples ``start`` .. ``start + len(labels)``) whole, then mark it complete.
 
         input_ids, labels: one 1-D array per example; target_ids (T, k); target_logprobs (T, k);
-        tail_logprob (T,); entropy (T,) with T = total labels. Any earlier partial write of the
+        tail_logprob (T,); entropy (T,) with T = total labels; captured (T,) the teacher mass held
+        exactly (default: the entries' mass; sampled targets pass their exact head's). Any earlier partial write of the
         block is discarded first, so a rewrite gives the same arrays as a first write.
         """
         dt = np.dtype(self.meta["index_dtype"])
@@ -142,7 +144,9 @@ class CacheWriter:
         put(fmt.TARGET_IDS, target_ids.astype(dt), fmt.TOKEN_CHUNK)
         put(fmt.TARGET_LOGPROBS, target_logprobs.astype(np.float16), fmt.TOKEN_CHUNK)
         put(fmt.TAIL_LOGPROB, tail_logprob.astype(np.float32), fmt.TOKEN_CHUNK)
-        captured = np.exp(target_logprobs.astype(np.float64)).sum(-1)
+        if captured is None:
+            captured = np.exp(target_logprobs.astype(np.float64)).sum(-1)
+        captured = captured.astype(np.float64)
         hist = np.histogram(np.clip(captured, 0, 1), bins=HIST_BINS, range=(0.0, 1.0))[0]
         _fsync_tree(self.path / fmt.block_name(b))
         # Written last: a block whose attributes say complete has all its arrays on storage.
