@@ -179,6 +179,8 @@ def dump_teacher_cmd(**kw: Any) -> None:
 @opt(TrainConfig, "temperature", type=float, help="Distillation temperature T.")
 @opt(TrainConfig, "alpha", type=float, help="Weight of the KD term (T² · KL).")
 @opt(TrainConfig, "beta", type=float, help="Weight of the cross-entropy term.")
+@opt(TrainConfig, "loss", type=click.Choice(["kl", "reverse-kl", "jsd", "tvd"]), help="The KD divergence on the cached entries + tail bucket.")
+@opt(TrainConfig, "jsd_beta", type=float, help="Generalized JSD's mixing weight: 1 → forward KL, 0 → reverse KL.")
 @opt(TrainConfig, "lr", "--lr", "--learning-rate", type=float, help="AdamW learning rate (linear warmup, linear decay).")
 @opt(TrainConfig, "weight_decay", type=float)
 @opt(TrainConfig, "warmup_steps", type=int)

@@ -87,6 +87,8 @@ class TrainConfig:
     temperature: float = 4.0
     alpha: float = 0.7  # weight of the KD term (T² · KL)
     beta: float = 0.3  # weight of the cross-entropy term
+    loss: str = "kl"  # the KD divergence: kl, reverse-kl, jsd, tvd
+    jsd_beta: float = 0.5  # generalized JSD's mixing weight (0 < beta < 1)
     lr: float = 5e-5
     weight_decay: float = 0.0
     warmup_steps: int = 500
@@ -119,6 +121,8 @@ class TrainConfig:
         _require(self.alpha >= 0 and self.beta >= 0, f"--alpha and --beta must not be negative (got {self.alpha}, {self.beta})")
         _require(self.alpha > 0 or self.beta > 0, "--alpha and --beta are both 0: nothing to train on")
         _require(self.lr > 0, f"--lr must be positive (got {self.lr})")
+        _require(self.loss in ("kl", "reverse-kl", "jsd", "tvd"), f"--loss must be kl, reverse-kl, jsd or tvd (got {self.loss!r})")
+        _require(0 < self.jsd_beta < 1, f"--jsd-beta must be between 0 and 1 (got {self.jsd_beta})")
         _require(self.epochs >= 1, f"--epochs must be at least 1 (got {self.epochs})")
         _require(self.max_steps is None or self.max_steps >= 1, f"--max-steps must be at least 1 (got {self.max_steps})")
         for name in ("batch_size", "grad_accum", "log_every", "eval_steps", "save_steps", "save_total_limit", "shuffle_buffer"):

@@ -34,6 +34,9 @@ def token_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return total / mask.sum().clamp(min=1)
 
 
+DIVERGENCES = ("kl", "reverse-kl", "jsd", "tvd")
+
+
 def sparse_kl_per_token(
     student_logits: torch.Tensor,
     target_ids: torch.Tensor,
@@ -50,19 +53,15 @@ def sparse_kl_per_token(
     exactly the dense KL. The student's log-softmax is taken once; no (B, S, V) teacher tensor exists.
     """
     s_logp = torch.log_softmax(student_logits[..., :vocab_size].float() / temperature, dim=-1)
-    return sparse_kl_from_logprobs(s_logp, target_ids, target_logprobs, tail_logprob, temperature, vocab_size)
+    return sparse_divergence(s_logp, target_ids, target_logprobs, tail_logprob, temperature, vocab_size)
 
 
-def sparse_kl_from_logprobs(
-    s_logp: torch.Tensor,
-    target_ids: torch.Tensor,
-    target_logprobs: torch.Tensor,
-    tail_logprob: torch.Tensor,
-    temperature: float,
-    vocab_size: int,
-) -> torch.Tensor:
-    """:func:`sparse_kl_per_token` from the student's log-probs at temperature T, (B, S, V), already
-    computed (the loss shares one log-softmax between KD and CE when T = 1)."""
+def _buckets(
+    s_logp: torch.Tensor, target_ids: torch.Tensor, target_logprobs: torch.Tensor, tail_logprob: torch.Tensor,
+    temperature: float, vocab_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Teacher and student log-probs over the same buckets (the used entries, then the tail), (B, S, k+1)
+    each, and the mask of buckets that exist (unused slots do not; the tail bucket always does)."""
     t_lp, t_tail = retemper(target_logprobs.float(), tail_logprob.float(), temperature, vocab_size)
     used = torch.isfinite(t_lp)
     s_ent = s_logp.gather(-1, target_ids)  # (B, S, k)
@@ -70,11 +69,61 @@ def sparse_kl_from_logprobs(
     # stay finite when the student puts (numerically) all its mass on the entries.
     s_mass = torch.where(used, s_ent.exp(), torch.zeros_like(s_ent)).sum(-1)
     s_tail = torch.log1p(-s_mass.clamp(max=1.0 - 1e-6))
-    zero = torch.zeros_like(s_ent)
-    head = torch.where(used, t_lp.exp() * (t_lp - s_ent), zero).sum(-1)
-    has_tail = torch.isfinite(t_tail)
-    tail = torch.where(has_tail, t_tail.exp() * (t_tail - s_tail), torch.zeros_like(s_tail))
-    return head + tail
+    p = torch.cat([t_lp, t_tail.unsqueeze(-1)], -1)
+    q = torch.cat([s_ent, s_tail.unsqueeze(-1)], -1)
+    exists = torch.cat([used, torch.ones_like(used[..., :1])], -1)
+    return p, q, exists
+
+
+def sparse_divergence(
+    s_logp: torch.Tensor,
+    target_ids: torch.Tensor,
+    target_logprobs: torch.Tensor,
+    tail_logprob: torch.Tensor,
+    temperature: float,
+    vocab_size: int,
+    kind: str = "kl",
+    jsd_beta: float = 0.5,
+) -> torch.Tensor:
+    """A divergence per position (B, S) between the bucketed teacher p and student q, from the student's
+    log-probs at temperature T (B, S, V) (computed once by the caller and shared with CE when T = 1).
+
+    - ``kl``: KL(p ‖ q), the usual forward KL;
+    - ``reverse-kl``: KL(q ‖ p) over the buckets where p > 0 (where p = 0 it would be infinite: when the
+      entries cover the whole vocabulary that bucket is the student's numerically empty tail);
+    - ``jsd``: generalized JSD with m = β·q + (1-β)·p: β·KL(p ‖ m) + (1-β)·KL(q ‖ m), so β → 1 is the
+      forward KL and β → 0 the reverse one (GKD's convention); β = 0.5 is the symmetric JSD;
+    - ``tvd``: total variation, ½ Σ |p - q|.
+
+    All equal their dense definitions when the entries cover the vocabulary. Every term is computed on
+    finite stand-ins and masked, so empty buckets give 0 and no NaN reaches the gradient.
+    """
+    p, q, exists = _buckets(s_logp, target_ids, target_logprobs, tail_logprob, temperature, vocab_size)
+    p_pos = exists & torch.isfinite(p)
+    q_pos = exists & torch.isfinite(q)
+    p0 = torch.where(p_pos, p, torch.zeros_like(p))  # finite stand-ins: where() must never see inf * 0
+    q0 = torch.where(q_pos, q, torch.zeros_like(q))
+    zero = torch.zeros_like(p)
+    if kind == "kl":
+        return torch.where(p_pos, p0.exp() * (p0 - q0), zero).sum(-1)
+    if kind == "reverse-kl":
+        return torch.where(p_pos & q_pos, q0.exp() * (q0 - p0), zero).sum(-1)
+    if kind == "tvd":
+        pe = torch.where(p_pos, p0.exp(), zero)
+        qe = torch.where(q_pos, q0.exp(), zero)
+        return 0.5 * torch.where(exists, (pe - qe).abs(), zero).sum(-1)
+    if kind == "jsd":
+        if not 0.0 < jsd_beta < 1.0:
+            raise ValueError(f"jsd_beta must be in (0, 1), got {jsd_beta}")
+        pe = torch.where(p_pos, p0.exp(), zero)
+        qe = torch.where(q_pos, q0.exp(), zero)
+        m = jsd_beta * qe + (1.0 - jsd_beta) * pe
+        m_pos = exists & (m > 0)
+        log_m = torch.log(torch.where(m_pos, m, torch.ones_like(m)))
+        kl_pm = torch.where(p_pos, pe * (p0 - log_m), zero).sum(-1)
+        kl_qm = torch.where(q_pos, qe * (q0 - log_m), zero).sum(-1)
+        return jsd_beta * kl_pm + (1.0 - jsd_beta) * kl_qm
+    raise ValueError(f"unknown divergence {kind!r} (choose from {', '.join(DIVERGENCES)})")
 
 
 def cross_entropy_per_token(student_logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -106,8 +155,11 @@ def distillation_loss(
     beta: float,
     temperature: float,
     vocab_size: int,
+    divergence: str = "kl",
+    jsd_beta: float = 0.5,
 ) -> LossParts:
-    """``alpha · T² · KL(p_T ‖ q_T) + beta · CE(labels)``, both means over distilled tokens.
+    """``alpha · T² · D(p_T, q_T) + beta · CE(labels)``, both means over distilled tokens; D is the
+    forward KL unless ``divergence`` says otherwise (see :func:`sparse_divergence`).
 
     T² keeps the KD gradient's scale independent of T (Hinton et al. 2015). The KD term is skipped
     when alpha is 0 (a CE-only baseline must cost what plain fine-tuning costs); CE is always computed
@@ -122,6 +174,6 @@ def distillation_loss(
     kd = student_logits.new_zeros((), dtype=torch.float32)
     if alpha != 0:
         s_logp = logp if temperature == 1.0 else torch.log_softmax(student_logits[..., :vocab_size].float() / temperature, dim=-1)
-        kl = sparse_kl_from_logprobs(s_logp, target_ids, target_logprobs, tail_logprob, temperature, vocab_size)
+        kl = sparse_divergence(s_logp, target_ids, target_logprobs, tail_logprob, temperature, vocab_size, divergence, jsd_beta)
         kd = token_mean(kl, mask) * temperature**2
     return LossParts(loss=alpha * kd + beta * ce, kd=kd.detach(), ce=ce.detach(), tokens=int(mask.sum()))

@@ -139,7 +139,7 @@ def save_model_atomic(model: torch.nn.Module, tokenizer: Any, target: Path, over
 
 CHECKPOINT_PREFIX = "checkpoint-step-"
 # Settings a resumed run must share with the run it continues, or the result would be neither.
-RESUME_KEYS = ("cache", "student", "temperature", "alpha", "beta", "lr", "weight_decay", "warmup_steps", "epochs",
+RESUME_KEYS = ("cache", "student", "temperature", "alpha", "beta", "loss", "jsd_beta", "lr", "weight_decay", "warmup_steps", "epochs",
                "max_steps", "batch_size", "grad_accum", "seed", "shuffle_buffer", "num_workers")
 
 
@@ -236,7 +236,7 @@ def validate(model: Any, cache: TeacherCache, collate_fn: Any, cfg: TrainConfig,
             parts = distillation_loss(
                 logits, batch["labels"].to(device), batch["target_ids"].to(device), batch["target_logprobs"].to(device),
                 batch["tail_logprob"].to(device), alpha=cfg.alpha or 1.0, beta=cfg.beta, temperature=cfg.temperature,
-                vocab_size=vocab,
+                vocab_size=vocab, divergence=cfg.loss, jsd_beta=cfg.jsd_beta,
             )
             kd += float(parts.kd) * parts.tokens
             ce += float(parts.ce) * parts.tokens
@@ -371,9 +371,9 @@ def train_student(cfg: TrainConfig) -> dict[str, Any]:
         train_log.info(" ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
 
     log.info(
-        "%s %s on %s (%d examples, %s targets, k=%s) for %d steps on %s; T=%g alpha=%g beta=%g",
+        "%s %s on %s (%d examples, %s targets, k=%s) for %d steps on %s; loss %s, T=%g alpha=%g beta=%g",
         "resuming" if cfg.resume else "training", cfg.student, cfg.cache, len(cache), meta.get("targets", "topk"),
-        meta["k"], total_steps, device, cfg.temperature, cfg.alpha, cfg.beta,
+        meta["k"], total_steps, device, cfg.loss, cfg.temperature, cfg.alpha, cfg.beta,
     )
     if cfg.resume:
         log.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoints[-1][1], step, start_epoch, skip_micro)
@@ -397,6 +397,7 @@ def train_student(cfg: TrainConfig) -> dict[str, Any]:
                         logits, batch["labels"].to(device), batch["target_ids"].to(device),
                         batch["target_logprobs"].to(device), batch["tail_logprob"].to(device),
                         alpha=cfg.alpha, beta=cfg.beta, temperature=cfg.temperature, vocab_size=vocab,
+                        divergence=cfg.loss, jsd_beta=cfg.jsd_beta,
                     )
                     scaler.scale(parts.loss / cfg.grad_accum).backward()
                     window["loss"] += float(parts.loss.detach())
