@@ -153,6 +153,7 @@ def create_config_cmd(path: str, overwrite: bool) -> None:
 @opt(DumpConfig, "targets", type=click.Choice(["topk", "sample", "topk+sample"]), help="topk: exact top-k + tail bucket; sample: unbiased sampled estimate; topk+sample: exact head + sampled tail.")
 @opt(DumpConfig, "samples", type=int, help="Draws per position for sample and topk+sample.")
 @opt(DumpConfig, "seed", type=int, help="Seed of the sampling.")
+@opt(DumpConfig, "logprob_bits", type=int, help="Mantissa bits kept in the float16 log-probs: 10 = lossless, 7 = bf16 precision, smaller cache.")
 @opt(DumpConfig, "batch_size", type=int, help="Examples per teacher forward (batches are grouped by length).")
 @opt(DumpConfig, "block_size", type=int, help="Examples per block: the unit of writing and resuming.")
 @opt(DumpConfig, "dtype", type=click.Choice(DTYPES), help="Teacher weights dtype (auto: bf16 on GPUs that support it, else fp32).")
@@ -342,7 +343,16 @@ def inspect_cmd(cache: str, as_json: bool) -> None:
         ("bytes on disk", f"{info['bytes']:,} ({num(info['bytes_per_token'], '.1f')} per token)"),
         ("captured mass", f"mean {num(info['captured_mass_mean'], '.4f')}, 5th percentile {num(info['captured_mass_p5'], '.3f')}"),
         ("teacher entropy", f"mean {num(info['entropy_mean'], '.4f')} nats"),
+        ("entries per token", num(info["entries_per_token"], ".1f")),
     ]
+    fid = info["fidelity"]
+    if fid:
+        kl = (f"{fid['kl']:.4f} nats" if fid["kl"] is not None else
+              f"infinite at {fid['kl_infinite_fraction']:.0%} of positions (a sampled estimate is unbiased, not close per position)")
+        rows += [
+            ("fidelity", f"on {fid['positions']:,} probed positions: captured mass {fid['captured_mass']:.4f}, "
+                         f"TVD {fid['tvd']:.4f}, KL(teacher||target) {kl}"),
+        ]
     for key, value in rows:
         click.echo(f"{key:<17} {value}")
 

@@ -60,6 +60,9 @@ class DumpConfig(DataOptions):
     targets: str = "topk"  # topk | sample | topk+sample (see kdcache.sparse)
     samples: int = 24  # draws per position for sample / topk+sample
     seed: int = 0  # seeds the sampling (per block, so resume redraws the same)
+    # Mantissa bits kept in the stored float16 log-probs: 10 is float16 as is (lossless); 7 is bfloat16's
+    # precision and halves their compressed size (docs/results.md measures what it costs in fidelity).
+    logprob_bits: int = 10
     batch_size: int = 8
     block_size: int = 1024  # examples per block: the unit of writing, resuming and sharding
     dtype: str = "auto"
@@ -71,6 +74,7 @@ class DumpConfig(DataOptions):
         _require(self.topk >= 1, f"--topk must be at least 1 (got {self.topk})")
         _require(self.targets in TARGETS, f"--targets must be one of {', '.join(TARGETS)} (got {self.targets!r})")
         _require(self.samples >= 1, f"--samples must be at least 1 (got {self.samples})")
+        _require(1 <= self.logprob_bits <= 10, f"--logprob-bits must be in 1..10 (got {self.logprob_bits})")
         _require(self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})")
         _require(self.block_size >= 1, f"--block-size must be at least 1 (got {self.block_size})")
         _require(self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")

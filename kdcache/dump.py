@@ -31,11 +31,14 @@ from .models import (
     resolve_dtype,
     tokenizer_fingerprint,
 )
-from .sparse import sampled_targets, topk_targets
+from .sparse import fidelity, round_mantissa, sampled_targets, topk_targets
 
 log = logging.getLogger("kdcache")
 
 T5_FAMILY = ("t5", "mt5", "umt5", "longt5")
+# Fidelity is measured on every FIDELITY_STRIDE-th distilled position: the full distribution is at
+# hand there anyway, and 1 in 16 keeps the extra (N/16, V) work small next to the forward pass.
+FIDELITY_STRIDE = 16
 
 
 def default_prefix(model_type: str, prefix: str | None) -> str:
@@ -59,12 +62,15 @@ def teacher_targets(
     targets: str = "topk",
     samples: int = 0,
     generator: torch.Generator | None = None,
+    logprob_bits: int = 10,
 ) -> dict[str, np.ndarray]:
     """Teacher forward on one batch → sparse targets for every distilled position, on the host.
 
-    Returns ``ids`` (T, slots), ``logprobs`` (T, slots) float32, ``tail`` (T,), ``entropy`` (T,) in the
-    order of the examples' concatenated labels (T = total labels). Log-softmax and top-k run on
-    the device; only these (T, k)-sized tensors cross to the host.
+    Returns ``ids`` (T, slots), ``logprobs`` (T, slots) float32, ``tail`` (T,), ``entropy`` (T,),
+    ``captured`` (T,) in the order of the examples' concatenated labels (T = total labels), and
+    ``fidelity``: {captured_mass, tvd, kl} (F,) on every FIDELITY_STRIDE-th position (see
+    :func:`kdcache.sparse.fidelity`). Log-softmax and top-k run on the device; only these
+    (T, k)-sized tensors cross to the host.
     """
     batch = collate(examples, task, pad_id, decoder_start_id)
     logits = model(**model_inputs(batch, task, device)).logits  # (B, S, V_model)
@@ -77,7 +83,11 @@ def teacher_targets(
         t = topk_targets(rows, k)
     else:  # "sample" (k = 0 head) or "topk+sample": unbiased estimates, see kdcache.sparse.sampled_targets
         t = sampled_targets(rows, samples, k_head=k if targets == "topk+sample" else 0, generator=generator)
+    t.logprobs = round_mantissa(t.logprobs, logprob_bits)  # what the cache will hold, so fidelity measures it
+    probe = slice(None, None, FIDELITY_STRIDE)
+    sub = type(t)(ids=t.ids[probe], logprobs=t.logprobs[probe], tail=t.tail[probe], entropy=t.entropy[probe], captured=t.captured[probe])
     return {
+        "fidelity": {key: v.cpu().numpy() for key, v in fidelity(rows[probe], sub).items()},
         "ids": t.ids.cpu().numpy(),
         "logprobs": t.logprobs.cpu().numpy(),
         "tail": t.tail.cpu().numpy(),
@@ -127,6 +137,7 @@ def dump_teacher(cfg: DumpConfig) -> dict[str, Any]:
         "k": cfg.topk,
         "samples": cfg.samples if cfg.targets != "topk" else None,
         "seed": cfg.seed if cfg.targets != "topk" else None,
+        "logprob_bits": cfg.logprob_bits,
         "dtype": str(dtype).removeprefix("torch."),
         "dataset": cfg.dataset,
         "dataset_config": cfg.dataset_config,
@@ -151,6 +162,7 @@ def dump_teacher(cfg: DumpConfig) -> dict[str, Any]:
         "k": slots,
         "topk": cfg.topk if cfg.targets != "sample" else 0,
         "samples": cfg.samples if cfg.targets != "topk" else 0,
+        "logprob_bits": cfg.logprob_bits,
         "vocab_size": vocab,
         "index_dtype": fmt.index_dtype(vocab).name,
         "teacher": {
@@ -198,6 +210,7 @@ def dump_teacher(cfg: DumpConfig) -> dict[str, Any]:
             lo, hi = b * cfg.block_size, min(n, (b + 1) * cfg.block_size)
             examples = [{"input_ids": data.input_ids[i], "labels": data.labels[i]} for i in range(lo, hi)]
             per_example: list[dict[str, np.ndarray] | None] = [None] * len(examples)
+            fid: list[dict[str, np.ndarray]] = []
             lengths = [len(e["input_ids"]) + len(e["labels"]) for e in examples]
             # Sampling is seeded per block, so a resumed dump draws exactly what an uninterrupted one would.
             gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + b) if cfg.targets != "topk" else None
@@ -205,8 +218,9 @@ def dump_teacher(cfg: DumpConfig) -> dict[str, Any]:
                 out = teacher_targets(
                     model, [examples[i] for i in idx], task, k=cfg.topk, vocab_size=vocab,
                     pad_id=tok.pad_token_id, decoder_start_id=decoder_start, device=device,
-                    targets=cfg.targets, samples=cfg.samples, generator=gen,
+                    targets=cfg.targets, samples=cfg.samples, generator=gen, logprob_bits=cfg.logprob_bits,
                 )
+                fid.append(out.pop("fidelity"))
                 off = 0
                 for i in idx:  # back from length order to example order
                     m = len(examples[i]["labels"])
@@ -222,6 +236,7 @@ def dump_teacher(cfg: DumpConfig) -> dict[str, Any]:
                 tail_logprob=np.concatenate([p["tail"] for p in per_example]),
                 entropy=np.concatenate([p["entropy"] for p in per_example]),
                 captured=np.concatenate([p["captured"] for p in per_example]),
+                fidelity={key: np.concatenate([f[key] for f in fid]) for key in fid[0]},
             )
     elapsed = time.perf_counter() - t_forward
     final = writer.finalize({"teacher": {**meta["teacher"], "parameters": count_parameters(model)}})

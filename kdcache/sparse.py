@@ -129,8 +129,63 @@ def sampled_targets(
     return SparseTargets(ids=ids, logprobs=lps, tail=tails, entropy=ents, captured=caps)
 
 
+def round_mantissa(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """``x`` rounded to float16, then to ``bits`` (1..10) mantissa bits, round-to-nearest; returned as
+    float32 holding exactly the values the cache stores. bits = 10 is a plain float16 cast. Fewer bits
+    leave the low bits zero, which the codecs then compress away; non-finite values pass unchanged."""
+    x16 = x.to(torch.float16)
+    drop = 10 - bits
+    if drop <= 0:
+        return x16.float()
+    v = x16.view(torch.int16).to(torch.int32) & 0xFFFF  # sign | exponent | mantissa as an unsigned int
+    # Adding half an ulp to the magnitude and clearing the dropped bits rounds the magnitude to nearest
+    # (a carry into the exponent is the correct next power of two).
+    # A carry out of the largest finite binade would give ±inf, which means "unused slot": keep the
+    # truncated value there instead.
+    up = ((v + (1 << (drop - 1))) >> drop) << drop
+    down = (v >> drop) << drop
+    as_half = lambda u: torch.where(u >= 0x8000, u - 0x10000, u).to(torch.int16).view(torch.float16)  # noqa: E731
+    rounded = torch.where(torch.isfinite(as_half(up)), as_half(up), as_half(down))
+    return torch.where(torch.isfinite(x16), rounded, x16).float()
+
+
 def to_dense(ids: torch.Tensor, logprobs: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Sparse entries (N, k) → dense probabilities (N, V) (the tail bucket is left out); for tests and
     fidelity measurements, never on the training path."""
     probs = torch.where(torch.isfinite(logprobs), logprobs.exp(), torch.zeros_like(logprobs))
     return torch.zeros(ids.shape[0], vocab_size, dtype=probs.dtype, device=probs.device).scatter_add_(-1, ids, probs)
+
+
+@torch.no_grad()
+def fidelity(logits: torch.Tensor, targets: SparseTargets, stored_dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """How far the cached targets are from the teacher's full distribution p, per position.
+
+    logits: (N, V) the teacher's logits over the tokenizer's vocabulary; targets: the N sparse targets
+    made from them. The target is reconstructed as training sees it: the entries' log-probs rounded
+    to ``stored_dtype`` (what the cache holds), and the tail bucket spread evenly over the ids it covers
+    (the assumption :func:`retemper` makes). Returns (N,) float32 tensors:
+
+    - ``captured_mass``: the teacher's own mass on the ids the target names;
+    - ``tvd``: total variation ½ Σ |p - q|, the size of the target's error in the KD gradient;
+    - ``kl``: KL(p ‖ q) in nats; ``inf`` where q has no mass on an id p gives mass to, which is the
+      case for every sampled estimate (it sums to 1 on its samples; it is right on average, not per
+      position — see the study in docs/results.md).
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    n, vocab = logp.shape
+    lp = targets.logprobs.to(stored_dtype).float()
+    used = torch.isfinite(lp)
+    q = torch.zeros_like(logp).scatter_add_(-1, targets.ids, torch.where(used, lp.exp(), torch.zeros_like(lp)))
+    # scatter_add, not scatter_: several unused slots may share an id with a used one, and scatter_'s
+    # write order among duplicates is undefined.
+    named = torch.zeros_like(logp).scatter_add_(-1, targets.ids, used.float()) > 0
+    m = (vocab - named.sum(-1)).clamp(min=1).unsqueeze(-1)
+    q = torch.where(named, q, targets.tail.float().exp().unsqueeze(-1) / m)
+    p = logp.exp()
+    log_q = torch.where(q > 0, q.log(), torch.full_like(q, float("-inf")))
+    kl_terms = torch.where(p > 0, p * (logp - log_q), torch.zeros_like(p))
+    return {
+        "captured_mass": torch.where(named, p, torch.zeros_like(p)).sum(-1),
+        "tvd": 0.5 * (p - q).abs().sum(-1),
+        "kl": kl_terms.sum(-1),
+    }

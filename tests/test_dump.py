@@ -139,9 +139,30 @@ def test_sampled_targets_dump_reproducibly_and_train(targets, slots, models_dir,
         np.testing.assert_allclose(np.where(np.isfinite(lp), np.exp(lp), 0).sum(-1), 1.0, atol=5e-3)  # estimates sum to 1
         assert np.isinf(a[i]["tail_logprob"]).all()
     assert a.meta["captured_mass_mean"] < 1.0 if targets == "topk+sample" else a.meta["captured_mass_mean"] == 0.0
-    from kdcache import verify_cache
+    from kdcache import inspect_cache, verify_cache
 
     assert verify_cache(tmp_path / "a") == []
+    fid = inspect_cache(tmp_path / "a")["fidelity"]
+    # an estimate that sums to 1 on its samples has no mass elsewhere: KL(teacher || it) is infinite, TVD is not
+    assert fid["kl"] is None and fid["kl_infinite_fraction"] > 0.5 and 0 < fid["tvd"] < 1
     s = train_student(TrainConfig(cache=str(tmp_path / "a"), student=models_dir["gpt2_student"], output=str(tmp_path / "run"),
                                   max_steps=2, grad_accum=1, warmup_steps=0, temperature=1.0, device="cpu"))
     assert s["steps"] == 2 and np.isfinite(s["loss"])
+
+
+def test_logprob_bits_rounds_what_is_stored_and_fidelity_measures_it(models_dir, dataset_file, tmp_path):
+    from kdcache import inspect_cache
+
+    kw = dict(model=models_dir["t5_teacher"], dataset=dataset_file, topk=16, limit=12, block_size=6, device="cpu")
+    dump_teacher(DumpConfig(output=str(tmp_path / "exact"), **kw))
+    dump_teacher(DumpConfig(output=str(tmp_path / "bf16"), logprob_bits=7, **kw))
+    a, b = open_cache(tmp_path / "exact"), open_cache(tmp_path / "bf16")
+    assert b.meta["logprob_bits"] == 7 and a.meta["logprob_bits"] == 10
+    for i in range(12):
+        x, y = a[i]["target_logprobs"], b[i]["target_logprobs"]
+        np.testing.assert_array_equal(a[i]["target_ids"], b[i]["target_ids"])
+        assert np.all(y.view(np.uint16) & 0b111 == 0)  # three mantissa bits dropped
+        np.testing.assert_allclose(y, x, rtol=2**-8)
+    fa, fb = inspect_cache(tmp_path / "exact")["fidelity"], inspect_cache(tmp_path / "bf16")["fidelity"]
+    assert fa["captured_mass"] == pytest.approx(fb["captured_mass"], abs=1e-6)
+    assert abs(fb["tvd"] - fa["tvd"]) < 0.01 and fb["tvd"] != fa["tvd"]

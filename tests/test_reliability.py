@@ -121,8 +121,14 @@ def test_inspect_json(small_cache, capsys):
     assert info["complete"] is True and info["examples"] == 40 and info["k"] == 8
     assert info["bytes_per_token"] == pytest.approx(info["bytes"] / info["tokens"])
     assert 0 < info["captured_mass_p5"] <= info["captured_mass_mean"] < 1
+    fid = info["fidelity"]
+    assert fid["positions"] >= info["tokens"] // 16  # every 16th distilled position of every batch is probed
+    # top-k: the probed positions' captured mass is the same statistic on a subsample; KL and TVD finite and > 0
+    assert abs(fid["captured_mass"] - info["captured_mass_mean"]) < 0.1
+    assert 0 < fid["tvd"] < 1 - fid["captured_mass"] + 0.01 and 0 < fid["kl"] < 20 and fid["kl_infinite_fraction"] == 0
+    assert info["entries_per_token"] == 8
     code, out, err = _cli(["inspect", small_cache], capsys)
-    assert code == 0 and "state             complete" in out and "bytes on disk" in out
+    assert code == 0 and "state             complete" in out and "bytes on disk" in out and "KL(teacher||target)" in out
 
 
 def test_dump_refuses_other_parameters_and_touches_nothing(small_cache, models_dir, dataset_file, capsys):

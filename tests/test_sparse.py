@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from kdcache.sparse import retemper, topk_targets
+from kdcache.sparse import fidelity, retemper, sampled_targets, topk_targets
 
 
 def test_topk_matches_dense_log_softmax():
@@ -98,3 +98,66 @@ def test_sampled_targets_shape_seed_and_mass():
     lp = a.logprobs
     torch.testing.assert_close(torch.where(torch.isfinite(lp), lp.exp(), 0).sum(-1), torch.ones(5))  # each estimate sums to 1
     torch.testing.assert_close(a.logprobs[:, :3], topk_targets(logits, 3).logprobs)  # the exact head
+
+
+def _reference_fidelity(logits, ids, logprobs, tail):
+    """Dense, row by row: the target as training sees it (fp16 entries, tail spread evenly)."""
+    out = []
+    for row, i, lp, t in zip(logits, ids, logprobs, tail):
+        p = torch.softmax(row.double(), -1)
+        keep = torch.isfinite(lp)
+        q = torch.full_like(p, float(t.double().exp()) / (len(p) - int(keep.sum())) if keep.sum() < len(p) else 0.0)
+        q[i[keep]] = lp[keep].half().double().exp()
+        kl = float(torch.where(p > 0, p * (p.log() - q.log()), torch.zeros_like(p)).sum())
+        out.append((float(p[i[keep]].sum()), 0.5 * float((p - q).abs().sum()), kl))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("k", [1, 7, 64])
+def test_fidelity_equals_a_dense_reference(k):
+    torch.manual_seed(k)
+    logits = torch.randn(20, 64) * 3
+    t = topk_targets(logits, k)
+    f = fidelity(logits, t)
+    ref = _reference_fidelity(logits, t.ids, t.logprobs, t.tail)
+    got = torch.stack([f["captured_mass"], f["tvd"], f["kl"]], -1).double()
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+    if k == 64:  # the whole vocabulary: only float16 rounding is left
+        assert f["kl"].abs().max() < 1e-3 and f["tvd"].max() < 1e-3
+
+
+def test_fidelity_is_zero_for_a_flat_tail_and_infinite_kl_for_samples():
+    logits = torch.zeros(4, 100)
+    logits[:, :3] = torch.tensor([4.0, 3.0, 2.0])  # a head of 3 and 97 equal tail ids: the uniform tail is exact
+    f = fidelity(logits, topk_targets(logits, 3))
+    assert f["kl"].abs().max() < 1e-3 and f["tvd"].max() < 1e-3  # float16 rounding of the head only
+    g = torch.Generator().manual_seed(0)
+    s = sampled_targets(logits, 5, generator=g)
+    f = fidelity(logits, s)
+    assert torch.isinf(f["kl"]).all() and (f["tvd"] > 0).all()
+    p = torch.softmax(logits, -1)
+    named = [p[r, s.ids[r][torch.isfinite(s.logprobs[r])]].sum() for r in range(4)]
+    torch.testing.assert_close(f["captured_mass"], torch.stack(named))
+
+
+@pytest.mark.parametrize("bits", [10, 7, 3])
+def test_round_mantissa_rounds_to_nearest_representable(bits):
+    from kdcache.sparse import round_mantissa
+
+    torch.manual_seed(bits)
+    x = torch.cat([-torch.rand(1000) * 30, torch.tensor([0.0, -1.0, float("-inf"), -65504.0])])
+    y = round_mantissa(x, bits)
+    x16 = x.half().float()
+    assert torch.isneginf(y[-2]) and y[-3] == -1.0 and y[-4] == 0.0
+    assert torch.isfinite(y[-1])  # float16's largest magnitude does not round to -inf ("unused slot")
+    fin = torch.isfinite(x16)
+    fin[-1] = False
+    if bits == 10:
+        assert torch.equal(y, x16)
+    # at most half a unit in the last kept place, relative to the magnitude's power of two
+    exponent = torch.floor(torch.log2(x16[fin].abs().clamp(min=2**-14)))
+    ulp = 2.0 ** (exponent - bits)
+    assert ((y[fin] - x16[fin]).abs() <= ulp / 2 + 1e-12).all()
+    # and the result is on the grid: the dropped mantissa bits are zero
+    low = (y[fin].half().view(torch.int16).to(torch.int32) & ((1 << (10 - bits)) - 1))
+    assert (low == 0).all()

@@ -11,7 +11,7 @@ import numpy as np
 from ..errors import KdcacheError
 from . import format as fmt
 from .reader import TeacherCache, open_cache
-from .writer import HIST_BINS, read_root_attrs
+from .writer import HIST_BINS, read_root_attrs, summarize_fidelity
 
 
 def disk_bytes(path: str | Path) -> int:
@@ -65,6 +65,8 @@ def inspect_cache(path: str | Path) -> dict[str, Any]:
         "captured_mass_mean": sum(a["captured_sum"] for a in blocks) / tokens if tokens else None,
         "captured_mass_p5": p5 if tokens else None,
         "entropy_mean": sum(a["entropy_sum"] for a in blocks) / tokens if tokens else None,
+        "entries_per_token": sum(a.get("entries_sum", 0) for a in blocks) / tokens if tokens else None,
+        "fidelity": summarize_fidelity(blocks),
         "preprocessing": m.get("preprocessing"),
         "created": m.get("created"),
         "kdcache_version": m.get("kdcache_version"),

@@ -58,6 +58,25 @@ def _fsync_tree(path: Path) -> None:
             os.close(fd)
 
 
+def summarize_fidelity(blocks: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The cache's ``fidelity`` object from its blocks' sums: means over the probed positions of the
+    captured mass, total variation and KL(teacher ‖ target). ``kl`` is None (JSON null) when the KL is
+    infinite somewhere — always so for sampled targets — and ``kl_infinite_fraction`` says where."""
+    sums = [a["fidelity"] for a in blocks if a.get("fidelity")]
+    n = sum(f["positions"] for f in sums)
+    if not n:
+        return None
+    inf = sum(f["kl_infinite"] for f in sums)
+    return {
+        "positions": n,
+        "captured_mass": sum(f["captured_sum"] for f in sums) / n,
+        "tvd": sum(f["tvd_sum"] for f in sums) / n,
+        "kl": None if inf else sum(f["kl_sum"] for f in sums) / n,
+        "kl_infinite_fraction": inf / n,
+        "kl_finite_mean": sum(f["kl_sum"] for f in sums) / (n - inf) if n > inf else None,
+    }
+
+
 def _first_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):
@@ -117,13 +136,16 @@ class CacheWriter:
         tail_logprob: np.ndarray,
         entropy: np.ndarray,
         captured: np.ndarray | None = None,
+        fidelity: dict[str, np.ndarray] | None = None,
     ) -> None:
         """Write block ``b`` (examples ``start`` .. ``start + len(labels)``) whole, then mark it complete.
 
         input_ids, labels: one 1-D array per example; target_ids (T, k); target_logprobs (T, k);
         tail_logprob (T,); entropy (T,) with T = total labels; captured (T,) the teacher mass held
-        exactly (default: the entries' mass; sampled targets pass their exact head's). Any earlier partial write of the
-        block is discarded first, so a rewrite gives the same arrays as a first write.
+        exactly (default: the entries' mass; sampled targets pass their exact head's); fidelity:
+        {captured_mass, tvd, kl} (F,) measured on a sample of positions (kdcache.sparse.fidelity),
+        kept as sums. Any earlier partial write of the block is discarded first, so a rewrite gives
+        the same arrays as a first write.
         """
         dt = np.dtype(self.meta["index_dtype"])
         k = int(self.meta["k"])
@@ -131,11 +153,9 @@ class CacheWriter:
         if target_ids.shape != (n_tok, k) or target_logprobs.shape != (n_tok, k) or tail_logprob.shape != (n_tok,):
             raise ValueError("targets do not match the labels' total length")
         g = zarr.open_group(str(self.path / fmt.block_name(b)), mode="w")
-        comp = fmt.compressors()
-
         def put(name: str, data: np.ndarray, chunk: int) -> None:
             chunks = (max(1, min(chunk, len(data))),) + data.shape[1:]
-            g.create_array(name, data=data, chunks=chunks, compressors=comp)
+            g.create_array(name, data=data, chunks=chunks, compressors=fmt.compressors(name))
 
         put(fmt.INPUT_IDS, np.concatenate(input_ids).astype(dt) if input_ids else np.zeros(0, dt), fmt.INPUT_CHUNK)
         put(fmt.INPUT_OFFSETS, np.concatenate([[0], np.cumsum([len(x) for x in input_ids])]).astype(np.int64), fmt.INPUT_CHUNK)
@@ -148,6 +168,16 @@ class CacheWriter:
             captured = np.exp(target_logprobs.astype(np.float64)).sum(-1)
         captured = captured.astype(np.float64)
         hist = np.histogram(np.clip(captured, 0, 1), bins=HIST_BINS, range=(0.0, 1.0))[0]
+        extra: dict[str, Any] = {}
+        if fidelity is not None:
+            kl = fidelity["kl"].astype(np.float64)
+            extra["fidelity"] = {
+                "positions": int(len(kl)),
+                "captured_sum": float(fidelity["captured_mass"].astype(np.float64).sum()),
+                "tvd_sum": float(fidelity["tvd"].astype(np.float64).sum()),
+                "kl_sum": float(kl[np.isfinite(kl)].sum()),
+                "kl_infinite": int((~np.isfinite(kl)).sum()),
+            }
         _fsync_tree(self.path / fmt.block_name(b))
         # Written last: a block whose attributes say complete has all its arrays on storage.
         g.attrs.update(
@@ -158,6 +188,9 @@ class CacheWriter:
                 "captured_sum": float(captured.sum()),
                 "entropy_sum": float(entropy.astype(np.float64).sum()),
                 "captured_hist": hist.tolist(),
+                # Explicit entries actually used (sampled targets leave slots empty): the storage report's "per token".
+                "entries_sum": int(np.isfinite(target_logprobs).sum()),
+                **extra,
                 "complete": True,
             }
         )
@@ -168,10 +201,12 @@ class CacheWriter:
         tokens = input_tokens = 0
         captured_sum = entropy_sum = 0.0
         hist = np.zeros(HIST_BINS, dtype=np.int64)
+        blocks = []
         for b in range(n_blocks):
             attrs = read_root_attrs(self.path / fmt.block_name(b))
             if not attrs or not attrs.get("complete"):
                 raise KdcacheError(f"cannot finalize {self.path}: block {b} is not complete")
+            blocks.append(attrs)
             tokens += attrs["tokens"]
             input_tokens += attrs["input_tokens"]
             captured_sum += attrs["captured_sum"]
@@ -186,6 +221,7 @@ class CacheWriter:
             # Lower edge of the histogram bin holding the 5th percentile (bins are 0.005 wide).
             "captured_mass_p5": p5_bin / HIST_BINS,
             "entropy_mean": entropy_sum / max(tokens, 1),
+            "fidelity": summarize_fidelity(blocks),
             "finished": _now(),
         }
         self.root.attrs.update({**(extra or {}), **stats, "complete": True})
