@@ -180,6 +180,7 @@ def dump_teacher_cmd(**kw: Any) -> None:
 @opt(TrainConfig, "temperature", type=float, help="Distillation temperature T.")
 @opt(TrainConfig, "alpha", type=float, help="Weight of the KD term (T² · KL).")
 @opt(TrainConfig, "beta", type=float, help="Weight of the cross-entropy term.")
+@opt(TrainConfig, "online_teacher", help="Reference only: run this teacher on every batch and distill its full distribution instead of the cache's targets.")
 @opt(TrainConfig, "loss", type=click.Choice(["kl", "reverse-kl", "jsd", "tvd"]), help="The KD divergence on the cached entries + tail bucket.")
 @opt(TrainConfig, "jsd_beta", type=float, help="Generalized JSD's mixing weight: 1 → forward KL, 0 → reverse KL.")
 @opt(TrainConfig, "lr", "--lr", "--learning-rate", type=float, help="AdamW learning rate (linear warmup, linear decay).")

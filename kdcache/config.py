@@ -93,6 +93,9 @@ class TrainConfig:
     beta: float = 0.3  # weight of the cross-entropy term
     loss: str = "kl"  # the KD divergence: kl, reverse-kl, jsd, tvd
     jsd_beta: float = 0.5  # generalized JSD's mixing weight (0 < beta < 1)
+    # Online KD, for reference and benchmarks: this teacher runs on every batch and its full distribution
+    # replaces the cached targets (the cache still supplies the examples, so the batches are the same).
+    online_teacher: str | None = None
     lr: float = 5e-5
     weight_decay: float = 0.0
     warmup_steps: int = 500

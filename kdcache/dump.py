@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,7 @@ T5_FAMILY = ("t5", "mt5", "umt5", "longt5")
 # Fidelity is measured on every FIDELITY_STRIDE-th distilled position: the full distribution is at
 # hand there anyway, and 1 in 16 keeps the extra (N/16, V) work small next to the forward pass.
 FIDELITY_STRIDE = 16
+WRITE_AHEAD = 2  # blocks handed to the writer thread and not yet on disk
 
 
 def default_prefix(model_type: str, prefix: str | None) -> str:
@@ -205,7 +207,13 @@ def dump_teacher(cfg: DumpConfig) -> dict[str, Any]:
     decoder_start = getattr(model.config, "decoder_start_token_id", None)
     tokens_todo = sum(len(data.labels[i]) for b in todo for i in range(b * cfg.block_size, min(n, (b + 1) * cfg.block_size)))
     t_forward = time.perf_counter()
-    with tqdm(total=tokens_todo, desc="dump-teacher", unit="tok", unit_scale=True, disable=None) as bar:
+    # Compression, fsync and the block's `complete` mark run on a writer thread while the teacher computes
+    # the next block; at most WRITE_AHEAD blocks wait, which bounds host memory. Blocks are independent,
+    # so the order they finish in does not matter, and an error in a write is raised here at the next
+    # block (or at the end) and stops the dump like any other.
+    pending: list[Future] = []
+    with tqdm(total=tokens_todo, desc="dump-teacher", unit="tok", unit_scale=True, disable=None) as bar, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-writer") as pool:
         for b in todo:
             lo, hi = b * cfg.block_size, min(n, (b + 1) * cfg.block_size)
             examples = [{"input_ids": data.input_ids[i], "labels": data.labels[i]} for i in range(lo, hi)]
@@ -227,8 +235,10 @@ def dump_teacher(cfg: DumpConfig) -> dict[str, Any]:
                     per_example[i] = {key: arr[off : off + m] for key, arr in out.items()}
                     off += m
                 bar.update(off)
-            writer.write_block(
-                b, lo,
+            while len(pending) >= WRITE_AHEAD:
+                pending.pop(0).result()
+            pending.append(pool.submit(
+                writer.write_block, b, lo,
                 input_ids=[e["input_ids"] for e in examples],
                 labels=[e["labels"] for e in examples],
                 target_ids=np.concatenate([p["ids"] for p in per_example]),
@@ -237,7 +247,9 @@ def dump_teacher(cfg: DumpConfig) -> dict[str, Any]:
                 entropy=np.concatenate([p["entropy"] for p in per_example]),
                 captured=np.concatenate([p["captured"] for p in per_example]),
                 fidelity={key: np.concatenate([f[key] for f in fid]) for key in fid[0]},
-            )
+            ))
+        for f in pending:
+            f.result()
     elapsed = time.perf_counter() - t_forward
     final = writer.finalize({"teacher": {**meta["teacher"], "parameters": count_parameters(model)}})
     summary = {

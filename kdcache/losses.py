@@ -15,6 +15,7 @@ with none gives 0 (with a gradient of 0), not NaN.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -134,6 +135,94 @@ def cross_entropy_per_token(student_logits: torch.Tensor, labels: torch.Tensor, 
     ).view(labels.shape)
 
 
+# Rows of (rows, V) float32 work per chunk of the fused loss: 2^26 floats = 256 MiB whatever V is.
+CHUNK_ELEMENTS = 1 << 26
+
+
+class _FusedKLCE(torch.autograd.Function):
+    """``alpha·T²·KL(p_T ‖ q_T) + beta·CE`` and its gradient with respect to the logits, in one pass over
+    chunks of rows. Autograd would keep a float32 log-softmax (and at T ≠ 1 a second one) plus the
+    gather's scattered gradient, each (B, S, V); this keeps one (B, S, V_s) gradient in the logits'
+    dtype and nothing else, and never holds more than a chunk of float32 work. The gradient, per row,
+    with q = softmax(z / T), E the used entries and r = p_tail / q_tail:
+
+        ∂KL/∂z_j = (q_j · (1 - r·[j ∉ E]) - p_j·[j ∈ E]) / T,        ∂CE/∂z_j = softmax(z)_j - [j = label].
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, labels: torch.Tensor, target_ids: torch.Tensor, target_logprobs: torch.Tensor,
+                tail_logprob: torch.Tensor, alpha: float, beta: float, temperature: float, vocab_size: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        vs = logits.shape[-1]
+        z_all = logits.reshape(-1, vs)
+        lab_all = labels.reshape(-1)
+        ids_all = target_ids.reshape(-1, target_ids.shape[-1])
+        lp_all = target_logprobs.reshape(-1, target_logprobs.shape[-1])
+        tail_all = tail_logprob.reshape(-1)
+        n_tok = (lab_all != IGNORE_INDEX).sum()
+        scale = 1.0 / n_tok.clamp(min=1).to(torch.float32)
+        grad = torch.zeros_like(z_all)
+        kd_sum = z_all.new_zeros((), dtype=torch.float32)
+        ce_sum = z_all.new_zeros((), dtype=torch.float32)
+        # Chunks bound the float32 work to a quarter of the logits (or CHUNK_ELEMENTS), so the peak is the
+        # gradient plus at most two chunk-sized buffers: below plain CE's saved log-softmax plus gradient.
+        n_rows = z_all.shape[0]
+        rows = max(1, min(CHUNK_ELEMENTS // vocab_size, -(-n_rows // 4)))
+        w = alpha * temperature  # T² from the loss, 1/T from the softmax's derivative
+        for s in range(0, n_rows, rows):
+            lab = lab_all[s : s + rows]
+            keep = lab != IGNORE_INDEX
+            if not bool(keep.any()):
+                continue
+            z = z_all[s : s + rows, :vocab_size].float()
+            logp = torch.log_softmax(z, dim=-1)
+            safe = lab.clamp(min=0).unsqueeze(-1)
+            ce_sum += torch.where(keep, -logp.gather(-1, safe).squeeze(-1), 0.0).sum()
+            if alpha:
+                logq = logp if temperature == 1.0 else torch.log_softmax(z / temperature, dim=-1)
+                ids = ids_all[s : s + rows]
+                p, p_tail = retemper(lp_all[s : s + rows].float(), tail_all[s : s + rows].float(), temperature, vocab_size)
+                used = torch.isfinite(p)
+                q_ent = logq.gather(-1, ids)
+                q_mass = torch.where(used, q_ent.exp(), 0.0).sum(-1)
+                q_tail = (1.0 - q_mass).clamp(min=1e-6)  # as in _buckets: finite when the entries hold everything
+                pe = torch.where(used, p.exp(), 0.0)
+                has_tail = torch.isfinite(p_tail)
+                pt = torch.where(has_tail, p_tail.exp(), 0.0)
+                kl = (pe * torch.where(used, p - q_ent, 0.0)).sum(-1) + torch.where(has_tail, pt * (p_tail - q_tail.log()), 0.0)
+                kd_sum += torch.where(keep, kl, 0.0).sum()
+                r = (pt / q_tail).unsqueeze(-1)
+                # The gradient is built in place in the log-softmax buffers: q·(w·(1 - r)) everywhere, then the
+                # named ids (not in the tail) get back w·q·r and lose w·p.
+                named = torch.where(used, w * (q_ent.exp() * r - pe), 0.0)
+                if temperature == 1.0:
+                    g = logp.exp_().mul_(w * (1.0 - r) + beta)  # softmax(z) serves KD and CE alike
+                else:
+                    g = logq.exp_().mul_(w * (1.0 - r))
+                    if beta:
+                        g.add_(logp.exp_(), alpha=beta)
+                g.scatter_add_(-1, ids, named)
+            else:
+                g = logp.exp_().mul_(beta)
+            if beta:
+                g.scatter_add_(-1, safe, torch.full_like(safe, -beta, dtype=g.dtype))
+            g.mul_((keep.float() * scale).unsqueeze(-1))
+            grad[s : s + rows, :vocab_size] = g
+        ctx.save_for_backward(grad)
+        ctx.shape = logits.shape
+        kd = kd_sum * scale * temperature**2
+        ce = ce_sum * scale
+        ctx.mark_non_differentiable(kd, ce)
+        return alpha * kd + beta * ce, kd, ce
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, g_loss: torch.Tensor, *_: Any) -> tuple[Any, ...]:
+        (grad,) = ctx.saved_tensors
+        # Scaled in place (the graph is used once): a second logits-sized tensor would undo the saving.
+        return grad.mul_(g_loss.to(grad.dtype)).view(ctx.shape), None, None, None, None, None, None, None, None
+
+
 @dataclass
 class LossParts:
     """The scalar losses of one batch; ``loss`` is the one to backpropagate."""
@@ -164,8 +253,16 @@ def distillation_loss(
     T² keeps the KD gradient's scale independent of T (Hinton et al. 2015). The KD term is skipped
     when alpha is 0 (a CE-only baseline must cost what plain fine-tuning costs); CE is always computed
     because it is the number every run reports.
+
+    The forward KL (the default) goes through a fused, chunked computation that writes the gradient
+    with respect to the logits directly (:class:`_FusedKLCE`), so KD costs about what CE alone costs;
+    the other divergences go through autograd.
     """
     mask = labels != IGNORE_INDEX
+    if divergence == "kl" and torch.is_grad_enabled() and student_logits.requires_grad:
+        loss, kd, ce = _FusedKLCE.apply(student_logits, labels, target_ids, target_logprobs, tail_logprob,
+                                        float(alpha), float(beta), float(temperature), vocab_size)
+        return LossParts(loss=loss, kd=kd.detach(), ce=ce.detach(), tokens=int(mask.sum()))
     # One float32 log-softmax over the vocabulary serves CE and (at T = 1) KD: on a small student the
     # (B, S, V) softmaxes, not the model, dominate the step.
     logp = torch.log_softmax(student_logits[..., :vocab_size].float(), dim=-1)

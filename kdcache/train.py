@@ -139,7 +139,7 @@ def save_model_atomic(model: torch.nn.Module, tokenizer: Any, target: Path, over
 
 CHECKPOINT_PREFIX = "checkpoint-step-"
 # Settings a resumed run must share with the run it continues, or the result would be neither.
-RESUME_KEYS = ("cache", "student", "temperature", "alpha", "beta", "loss", "jsd_beta", "lr", "weight_decay", "warmup_steps", "epochs",
+RESUME_KEYS = ("cache", "student", "online_teacher", "temperature", "alpha", "beta", "loss", "jsd_beta", "lr", "weight_decay", "warmup_steps", "epochs",
                "max_steps", "batch_size", "grad_accum", "seed", "shuffle_buffer", "num_workers")
 
 
@@ -251,6 +251,18 @@ def validate(model: Any, cache: TeacherCache, collate_fn: Any, cfg: TrainConfig,
 # The run
 
 
+@torch.no_grad()  # not inference_mode: the targets enter the student's autograd graph
+def online_targets(teacher: Any, batch: dict[str, torch.Tensor], task: str, device: torch.device,
+                   vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The teacher's full distribution on ``batch`` in the sparse shape the losses take: ids (B, S, V)
+    (an expanded arange: no copy), log-probs (B, S, V) float32 and an empty tail (B, S). With every id
+    an entry, the sparse losses are the dense ones (tests/test_losses.py)."""
+    logits = teacher(**model_inputs(batch, task, device)).logits[..., :vocab_size]
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    ids = torch.arange(vocab_size, device=device).expand_as(logp)
+    return ids, logp, torch.full(logp.shape[:-1], float("-inf"), device=device)
+
+
 def _check_cache_fits(cache: TeacherCache, tok: Any, student: str, what: str = "cache") -> None:
     meta = cache.meta
     fp = tokenizer_fingerprint(tok)
@@ -312,6 +324,11 @@ def train_student(cfg: TrainConfig) -> dict[str, Any]:
         raise KdcacheError(f"student {cfg.student} has {model_vocab_size(model)} output rows, fewer than the cache's vocabulary ({vocab})")
     model.to(device).train()
     autocast, scaler = _precision(device, cfg.mixed_precision, cfg.amp_dtype)
+    teacher = None
+    if cfg.online_teacher:
+        _check_cache_fits(cache, load_tokenizer(cfg.online_teacher, trust_remote_code=cfg.trust_remote_code), cfg.online_teacher)
+        teacher = load_model(cfg.online_teacher, task, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code).to(device).eval()
+        log.info("online KD: %s runs on every batch; the cache supplies only the examples", cfg.online_teacher)
 
     stream = CacheStream(cfg.cache, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer)
     collate_fn = partial(
@@ -391,6 +408,10 @@ def train_student(cfg: TrainConfig) -> dict[str, Any]:
                 for micro, batch in enumerate(loader):
                     if epoch == start_epoch and micro < skip_micro:
                         continue  # already trained on before the checkpoint; the stream replays exactly
+                    if teacher is not None:
+                        with autocast():
+                            batch["target_ids"], batch["target_logprobs"], batch["tail_logprob"] = online_targets(
+                                teacher, batch, task, device, vocab)
                     with autocast():
                         logits = model(**model_inputs(batch, task, device)).logits
                     parts = distillation_loss(

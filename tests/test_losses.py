@@ -143,3 +143,38 @@ def test_divergences_are_finite_on_top_k_and_masked_batches(kind):
     parts = distillation_loss(student, labels, ids, lp, tail, alpha=1.0, beta=0.0, temperature=2.0, vocab_size=V, divergence=kind)
     parts.loss.backward()
     assert torch.isfinite(parts.loss) and parts.loss > 0 and torch.isfinite(student.grad).all()
+
+
+@pytest.mark.parametrize("T, alpha, beta, chunk", [(1.0, 0.9, 0.1, 1 << 26), (2.5, 0.7, 0.3, 7 * 40), (1.0, 1.0, 0.0, 40), (3.0, 0.0, 1.0, 40)])
+def test_fused_kl_ce_equals_autograd_reference_in_value_and_gradient(T, alpha, beta, chunk, monkeypatch):
+    """The fused loss writes its own gradient; it must equal autograd through the unfused definition with
+    a tail bucket, masked positions, a padded student vocabulary, unused slots, and several chunks."""
+    import kdcache.losses as losses
+
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", chunk)  # 40 columns of vocabulary: `chunk // 40` rows per chunk
+    torch.manual_seed(int(T * 10) + chunk)
+    B, S, V, Vs, k = 3, 6, 40, 48, 5
+    teacher = torch.randn(B, S, V) * 2
+    student = (torch.randn(B, S, Vs) * 2).requires_grad_()
+    labels = torch.randint(0, V, (B, S))
+    labels[0, 4:] = IGNORE_INDEX
+    labels[2, :] = IGNORE_INDEX
+    ids, lp, tail = _targets(teacher, k)
+    lp[1, 2, 3:] = float("-inf")  # unused slots (as sampled targets leave them): their mass joins nothing
+    tail[1, 2] = torch.log1p(-lp[1, 2, :3].exp().sum())
+    parts = distillation_loss(student, labels, ids, lp, tail, alpha=alpha, beta=beta, temperature=T, vocab_size=V)
+    parts.loss.backward()
+    fused_grad = student.grad.clone()
+
+    ref = student.detach().clone().requires_grad_()
+    mask = labels != IGNORE_INDEX
+    s_logp = torch.log_softmax(ref[..., :V] / T, -1)
+    kd = token_mean(losses.sparse_divergence(s_logp, ids, lp, tail, T, V), mask) * T**2
+    ce = token_mean(F.cross_entropy(ref[..., :V].reshape(-1, V), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                                    reduction="none").view(B, S), mask)
+    (alpha * kd + beta * ce).backward()
+    torch.testing.assert_close(parts.ce, ce.detach(), rtol=1e-5, atol=1e-6)
+    if alpha:
+        torch.testing.assert_close(parts.kd, kd.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused_grad, ref.grad, rtol=1e-4, atol=1e-7)
+    assert (fused_grad[..., V:] == 0).all() and (fused_grad[2] == 0).all()

@@ -26,3 +26,25 @@ def test_t5_cnndm_recipe_end_to_end(models_dir, dataset_file, tmp_path):
     assert json.loads((tmp_path / "out" / "comparison.json").read_text()) == result["comparison"]
     run_dir = tmp_path / "out" / "student"
     assert {"final_model", "best_model", "logs"} <= {p.name for p in run_dir.iterdir()}
+
+
+def test_sparse_targets_study_runs_end_to_end(tmp_path, monkeypatch):
+    """The study at a toy size: every kind trains, the table has every row, and the measurements are sane."""
+    import sys
+
+    from pipelines import quickstart, sparse_targets_study
+
+    monkeypatch.setitem(quickstart.BUDGETS, "tiny", quickstart.Budget(train_examples=64, eval_examples=16, steps=4, batch_size=8))
+    monkeypatch.setattr(sys, "argv", ["study", "--output", str(tmp_path), "--budget", "tiny"])
+    sparse_targets_study.main()
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert set(res["rows"]) == {"teacher", *sparse_targets_study.RUNS}
+    assert res["rows"]["teacher"]["top1_agreement"] == 1.0
+    for r in res["rows"].values():
+        assert r["loss"] > 0 and 0 <= r["ece"] <= 1
+    st = res["storage"]
+    assert st["top8"]["bytes_per_token"] < st["top64"]["bytes_per_token"] and st["top64"]["entries_per_token"] == 64
+    assert st["top64"]["fidelity"]["tvd"] < st["top8"]["fidelity"]["tvd"] and st["sample"]["fidelity"]["kl"] is None
+    for angles in res["gradient_angles_deg"].values():
+        assert all(0 <= a <= 180 for a in angles.values()) and set(angles) == {"CE only", *sparse_targets_study.CACHES}
+    assert (tmp_path / "results.md").read_text().count("\n") == len(res["rows"]) + 2
