@@ -165,9 +165,12 @@ def dump_teacher_cmd(**kw: Any) -> None:
     if _dry_run(kw, "dump-teacher", "model", DumpConfig):
         return
     summary = kdcache.dump_teacher(_build(DumpConfig, "dump", kw))
+    if summary["world"] > 1 and summary["rank"] != 0:
+        return  # under torchrun, rank 0 speaks for all
+    ranks = f" by rank 0 of {summary['world']}" if summary["world"] > 1 else ""
     click.echo(
         f"cache {summary['output']}: {summary['examples']} examples, {summary['tokens']} distilled tokens "
-        f"({summary['blocks_written']}/{summary['blocks_total']} blocks written this run), "
+        f"({summary['blocks_written']}/{summary['blocks_total']} blocks written this run{ranks}), "
         f"mean captured mass {summary['captured_mass_mean']:.3f}, {summary['seconds']:.1f} s"
     )
 

@@ -13,7 +13,9 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .batching import collate, length_grouped_batches, model_inputs
+from . import distributed
 from .cache import CacheWriter
+from .cache.writer import read_root_attrs as zarr_attrs
 from .cache import format as fmt
 from .config import DumpConfig
 from .data import check_columns, default_text_column, dataset_fingerprint, load_rows, resolve_columns, tokenize
@@ -108,6 +110,11 @@ def dump_teacher(cfg: DumpConfig) -> dict[str, Any]:
     quiet_transformers()
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
+    # Under torchrun: rank r writes blocks r, r + world, ...; rank 0 creates the cache and finalizes it.
+    # Blocks are separate groups, so no two ranks ever write the same chunk.
+    ddp = distributed.init(device.type)
+    if ddp.active and device.type == "cuda":
+        device = torch.device("cuda", ddp.local_rank)
     dtype = resolve_dtype(cfg.dtype, device)
     mconf = load_config(cfg.model, trust_remote_code=cfg.trust_remote_code, what="teacher")
     task = detect_task(mconf, cfg.task)
@@ -191,8 +198,16 @@ def dump_teacher(cfg: DumpConfig) -> dict[str, Any]:
         "preprocessing": data.report(),
         "params": params,
     }
-    writer = CacheWriter(cfg.output, meta, overwrite=cfg.overwrite)
-    todo = [b for b in range(num_blocks) if not writer.block_complete(b)]
+    error = None
+    if ddp.main:
+        try:
+            writer = CacheWriter(cfg.output, meta, overwrite=cfg.overwrite)
+        except KdcacheError as exc:
+            error = str(exc)
+    ddp.agree(error)
+    if not ddp.main:  # rank 0 has created (or checked) the cache: the others join it as a resume
+        writer = CacheWriter(cfg.output, meta, overwrite=False)
+    todo = [b for b in range(ddp.rank, num_blocks, ddp.world) if not writer.block_complete(b)]
     if writer.resumed:
         log.info("resuming %s: %d of %d blocks already complete", cfg.output, num_blocks - len(todo), num_blocks)
     if data.truncated_inputs or data.truncated_targets or data.skipped_empty:
@@ -212,7 +227,7 @@ def dump_teacher(cfg: DumpConfig) -> dict[str, Any]:
     # so the order they finish in does not matter, and an error in a write is raised here at the next
     # block (or at the end) and stops the dump like any other.
     pending: list[Future] = []
-    with tqdm(total=tokens_todo, desc="dump-teacher", unit="tok", unit_scale=True, disable=None) as bar, \
+    with tqdm(total=tokens_todo, desc="dump-teacher", unit="tok", unit_scale=True, disable=None if ddp.main else True) as bar, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-writer") as pool:
         for b in todo:
             lo, hi = b * cfg.block_size, min(n, (b + 1) * cfg.block_size)
@@ -251,13 +266,20 @@ def dump_teacher(cfg: DumpConfig) -> dict[str, Any]:
         for f in pending:
             f.result()
     elapsed = time.perf_counter() - t_forward
-    final = writer.finalize({"teacher": {**meta["teacher"], "parameters": count_parameters(model)}})
+    ddp.barrier()  # every rank's blocks are on storage
+    if ddp.main:
+        final = writer.finalize({"teacher": {**meta["teacher"], "parameters": count_parameters(model)}})
+    ddp.barrier()  # the others report only once the cache is complete
+    if not ddp.main:
+        final = dict(zarr_attrs(cfg.output))
     summary = {
         "output": str(cfg.output),
         "task": task,
         "examples": n,
         "tokens": final["tokens"],
         "blocks_written": len(todo),
+        "rank": ddp.rank,
+        "world": ddp.world,
         "blocks_total": num_blocks,
         "tokens_per_s": tokens_todo / elapsed if elapsed > 0 else None,
         "captured_mass_mean": final["captured_mass_mean"],

@@ -1,0 +1,44 @@
+"""Several processes under torchrun (gloo, CPU): the dump splits blocks between ranks and equals a
+single-process dump."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from kdcache import open_cache, verify_cache
+
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+
+
+def _torchrun(args, n=2):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "kdcache", *args],
+                          capture_output=True, text=True, env=ENV, timeout=300)
+
+
+def test_two_process_dump_equals_one_process_dump(models_dir, dataset_file, tmp_path):
+    args = ["dump-teacher", "--model", models_dir["t5_teacher"], "--dataset", dataset_file, "--topk", "6", "--block-size", "3",
+            "--limit", "17", "--device", "cpu"]
+    one = subprocess.run([sys.executable, "-m", "kdcache", *args, "--output", str(tmp_path / "one")], capture_output=True, text=True, env=ENV)
+    assert one.returncode == 0, one.stderr
+    two = _torchrun([*args, "--output", str(tmp_path / "two")])
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("cache ") == 1 and "by rank 0 of 2" in two.stdout  # one summary, from rank 0
+    a, b = open_cache(tmp_path / "one"), open_cache(tmp_path / "two")
+    assert len(a) == len(b) == 17 and a.num_blocks == 6
+    for i in range(len(a)):
+        for key, value in a[i].items():
+            np.testing.assert_array_equal(value, b[i][key], err_msg=f"example {i} {key}")
+    for key in ("tokens", "input_tokens", "captured_mass_mean", "captured_mass_p5", "entropy_mean", "fidelity", "num_examples"):
+        assert a.meta[key] == pytest.approx(b.meta[key]), key
+    assert verify_cache(tmp_path / "two") == []
+
+
+def test_two_process_dump_refusal_stops_every_rank(models_dir, dataset_file, tmp_path):
+    args = ["dump-teacher", "--model", models_dir["t5_teacher"], "--dataset", dataset_file, "--topk", "6", "--limit", "4",
+            "--device", "cpu", "--output", str(tmp_path / "c")]
+    assert _torchrun(args).returncode == 0
+    again = _torchrun([a if a != "6" else "5" for a in args])  # other parameters, onto a complete cache
+    assert again.returncode != 0 and "already holds a complete cache" in again.stderr
