@@ -216,6 +216,8 @@ def train_student_cmd(**kw: Any) -> None:
     if _dry_run(kw, "train-student", "student", TrainConfig):
         return
     summary = kdcache.train_student(_build(TrainConfig, "train", kw))
+    if summary.get("rank", 0) != 0:
+        return  # under torchrun, rank 0 speaks for all
     loss = summary["loss"]
     click.echo(
         f"saved {summary['final_model']}: {summary['steps']} steps in {summary['seconds']:.1f} s"

@@ -83,6 +83,9 @@ def teacher_agreement(model: torch.nn.Module, cache: Any, device: torch.device, 
     (the teacher's top-1 is the cache's first entry), plus the model's loss on the cache's labels.
 
     Returns ``top1_agreement`` (fraction), ``loss`` (mean token cross-entropy, nats) and ``tokens``."""
+    if cache.meta.get("targets", "topk") == "sample":
+        # a sampled cache's first entry is the most drawn id, not necessarily the teacher's top-1
+        raise KdcacheError(f"{cache.path} holds sampled targets; top-1 agreement needs a topk or topk+sample cache")
     task = cache.meta["task"]
     pad = getattr(model.config, "pad_token_id", None) or 0  # only fills masked positions
     dec_start = getattr(model.config, "decoder_start_token_id", None)

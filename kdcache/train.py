@@ -27,6 +27,7 @@ from .batching import collate, model_inputs
 from .cache import TeacherCache, open_cache
 from .config import TrainConfig
 from .errors import KdcacheError
+from . import distributed
 from .losses import distillation_loss
 from .models import (
     detect_task,
@@ -49,24 +50,31 @@ class CacheStream(torch.utils.data.IterableDataset):
     bounded by the buffer and one block, whatever the cache's size. With DataLoader workers, each
     worker reads a disjoint set of blocks."""
 
-    def __init__(self, cache_path: str, *, seed: int, shuffle_buffer: int) -> None:
+    def __init__(self, cache_path: str, *, seed: int, shuffle_buffer: int, rank: int = 0, world: int = 1) -> None:
         self.cache_path = cache_path
         self.seed = seed
         self.shuffle_buffer = max(1, shuffle_buffer)
+        self.rank, self.world = rank, world  # under DDP each rank streams blocks rank, rank + world, ... of the order
         self.epoch = 0
         self._cache: TeacherCache | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _order(self, epoch: int) -> tuple[np.random.Generator, list[int]]:
+    def _order(self, epoch: int, rank: int | None = None) -> tuple[np.random.Generator, list[int]]:
+        # Every rank draws the same permutation (same seed) and takes its own slice of it; one process
+        # goes on drawing its shuffle from the same generator.
         rng = np.random.default_rng((self.seed, epoch))
-        return rng, rng.permutation(self.cache.num_blocks).tolist()
+        order = rng.permutation(self.cache.num_blocks).tolist()
+        if self.world == 1:
+            return rng, order
+        r = self.rank if rank is None else rank
+        return np.random.default_rng((self.seed, epoch, r)), order[r :: self.world]
 
-    def num_batches(self, epoch: int, batch_size: int, num_workers: int) -> int:
-        """Batches a DataLoader makes of this stream in ``epoch``: each worker batches its own blocks,
-        so with workers the count is a sum of per-worker ceilings."""
-        _, order = self._order(epoch)
+    def num_batches(self, epoch: int, batch_size: int, num_workers: int, rank: int | None = None) -> int:
+        """Batches a DataLoader makes of this stream in ``epoch`` (on ``rank``, default this one's): each
+        worker batches its own blocks, so with workers the count is a sum of per-worker ceilings."""
+        _, order = self._order(epoch, rank)
         total = 0
         for w in range(max(num_workers, 1)):
             n = sum(np.subtract(*self.cache.block_range(b)[::-1]) for b in order[w :: max(num_workers, 1)])
@@ -297,6 +305,11 @@ def train_student(cfg: TrainConfig) -> dict[str, Any]:
         if checkpoints:
             raise KdcacheError(f"{ckpt_dir} holds checkpoints of an earlier run; pass --resume to continue it or --overwrite to start over")
     device = resolve_device(cfg.device)
+    # Under torchrun: DistributedDataParallel, each rank streaming its own share of the blocks; rank 0
+    # alone writes logs, checkpoints and models.
+    ddp = distributed.init(device.type)
+    if ddp.active and device.type == "cuda":
+        device = torch.device("cuda", ddp.local_rank)
     sconf = load_config(cfg.student, trust_remote_code=cfg.trust_remote_code, what="student")
     task = meta["task"]
     if detect_task(sconf) != task:
@@ -314,7 +327,8 @@ def train_student(cfg: TrainConfig) -> dict[str, Any]:
         if diff:
             k = diff[0]
             raise KdcacheError(f"--resume: the checkpoint was made with {k}={old.get(k)!r}, this run has {k}={getattr(cfg, k)!r}; use the same settings")
-    if cfg.overwrite and not cfg.resume:  # start over: nothing of the earlier run may pass for this one's
+    ddp.barrier()  # every rank has looked at the output folder before rank 0 clears it
+    if cfg.overwrite and not cfg.resume and ddp.main:  # start over: nothing of the earlier run may pass for this one's
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         shutil.rmtree(best_dir, ignore_errors=True)
 
@@ -323,6 +337,10 @@ def train_student(cfg: TrainConfig) -> dict[str, Any]:
     if model_vocab_size(model) < vocab:
         raise KdcacheError(f"student {cfg.student} has {model_vocab_size(model)} output rows, fewer than the cache's vocabulary ({vocab})")
     model.to(device).train()
+    # `model` stays the plain module (saving, validation); `train_model` is what the step runs forward.
+    train_model = model
+    if ddp.active:
+        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     autocast, scaler = _precision(device, cfg.mixed_precision, cfg.amp_dtype)
     teacher = None
     if cfg.online_teacher:
@@ -330,7 +348,13 @@ def train_student(cfg: TrainConfig) -> dict[str, Any]:
         teacher = load_model(cfg.online_teacher, task, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code).to(device).eval()
         log.info("online KD: %s runs on every batch; the cache supplies only the examples", cfg.online_teacher)
 
-    stream = CacheStream(cfg.cache, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer)
+    stream = CacheStream(cfg.cache, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, rank=ddp.rank, world=ddp.world)
+
+    def batches_in(epoch: int) -> int:
+        # Every rank must take the same number of steps, or DDP's all-reduce would wait forever for the
+        # rank that ran out: all stop at the smallest share (the rest of a larger share is dropped).
+        return min(stream.num_batches(epoch, cfg.batch_size, cfg.num_workers, rank=r) for r in range(ddp.world))
+
     collate_fn = partial(
         collate, task=task, pad_id=tok.pad_token_id, decoder_start_id=getattr(model.config, "decoder_start_token_id", None)
     )
@@ -343,7 +367,7 @@ def train_student(cfg: TrainConfig) -> dict[str, Any]:
         # would shift dropout's random stream between a resumed run and an uninterrupted one.
         generator=torch.Generator().manual_seed(cfg.seed),
     )
-    micro_per_epoch = [stream.num_batches(e, cfg.batch_size, cfg.num_workers) for e in range(cfg.epochs)]
+    micro_per_epoch = [batches_in(e) for e in range(cfg.epochs)]
     steps_per_epoch = math.ceil(micro_per_epoch[0] / cfg.grad_accum)
     total_steps = cfg.max_steps or sum(math.ceil(m / cfg.grad_accum) for m in micro_per_epoch)
     epochs = cfg.epochs if not cfg.max_steps else max(cfg.epochs, math.ceil(total_steps / steps_per_epoch))
@@ -364,9 +388,10 @@ def train_student(cfg: TrainConfig) -> dict[str, Any]:
         best, bad_evals = state["best_val_loss"], state["evals_without_improvement"]
         history = [h for h in state["log_history"] if h["step"] <= step]
 
-    log_dir.mkdir(parents=True, exist_ok=True)
+    if ddp.main:
+        log_dir.mkdir(parents=True, exist_ok=True)
     handlers = []
-    for name, target in (("kdcache", "main.log"), ("kdcache.training", "training.log")):
+    for name, target in (("kdcache", "main.log"), ("kdcache.training", "training.log")) if ddp.main else ():
         handler = logging.FileHandler(log_dir / target, mode="a" if cfg.resume else "w")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         handler.setLevel(logging.INFO)
@@ -377,7 +402,7 @@ def train_student(cfg: TrainConfig) -> dict[str, Any]:
     for lg in (log, train_log):
         if lg.getEffectiveLevel() > logging.INFO:  # the files record INFO even when the console does not
             lg.setLevel(logging.INFO)
-    metrics_jsonl = (log_dir / "training_metrics.jsonl").open("w")
+    metrics_jsonl = (log_dir / "training_metrics.jsonl").open("w") if ddp.main else open(os.devnull, "w")
     for h in history:
         metrics_jsonl.write(json.dumps(h) + "\n")
 
@@ -404,8 +429,10 @@ def train_student(cfg: TrainConfig) -> dict[str, Any]:
         with tqdm(total=total_steps, initial=step, desc="train-student", unit="step", disable=None) as bar:
             for epoch in range(start_epoch, epochs):
                 stream.set_epoch(epoch)
-                n_micro = stream.num_batches(epoch, cfg.batch_size, cfg.num_workers)
+                n_micro = batches_in(epoch)
                 for micro, batch in enumerate(loader):
+                    if micro >= n_micro:
+                        break  # this rank's share is larger than the smallest (see batches_in)
                     if epoch == start_epoch and micro < skip_micro:
                         continue  # already trained on before the checkpoint; the stream replays exactly
                     if teacher is not None:
@@ -413,7 +440,7 @@ def train_student(cfg: TrainConfig) -> dict[str, Any]:
                             batch["target_ids"], batch["target_logprobs"], batch["tail_logprob"] = online_targets(
                                 teacher, batch, task, device, vocab)
                     with autocast():
-                        logits = model(**model_inputs(batch, task, device)).logits
+                        logits = train_model(**model_inputs(batch, task, device)).logits
                     parts = distillation_loss(
                         logits, batch["labels"].to(device), batch["target_ids"].to(device),
                         batch["target_logprobs"].to(device), batch["tail_logprob"].to(device),
@@ -457,13 +484,14 @@ def train_student(cfg: TrainConfig) -> dict[str, Any]:
                                  v["val_loss"], v["val_kd_loss"], v["val_ce_loss"], v["val_perplexity"])
                         if v["val_loss"] < best:
                             best, bad_evals = v["val_loss"], 0
-                            save_model_atomic(model, tok, best_dir, overwrite=True)
+                            if ddp.main:
+                                save_model_atomic(model, tok, best_dir, overwrite=True)
                         else:
                             bad_evals += 1
                             if cfg.patience and bad_evals >= cfg.patience:
                                 log.info("early stopping at step %d: %d evaluations without improvement", step, bad_evals)
                                 stopped_early = True
-                    if step % cfg.save_steps == 0 and step < total_steps and not stopped_early:
+                    if step % cfg.save_steps == 0 and step < total_steps and not stopped_early and ddp.main:
                         state = {"step": step, "epoch": epoch + (micro + 1 == n_micro), "micro_in_epoch": 0 if micro + 1 == n_micro else micro + 1,
                                  "best_val_loss": best, "evals_without_improvement": bad_evals, "log_history": history,
                                  "config": cfg.to_dict()}
@@ -473,15 +501,19 @@ def train_student(cfg: TrainConfig) -> dict[str, Any]:
                         break
                 if step >= total_steps or stopped_early:
                     break
-        save_model_atomic(model, tok, final_dir, overwrite=True)
+        if ddp.main:
+            save_model_atomic(model, tok, final_dir, overwrite=True)
     finally:
         metrics_jsonl.close()
         for name, handler in handlers:
             logging.getLogger(name).removeHandler(handler)
             handler.close()
     total_tokens += window["tokens"]
-    _atomic_json(log_dir / "training_metrics.json", history)
     elapsed = time.perf_counter() - t_start
+    ddp.barrier()  # rank 0's final model is in place before any rank returns
+    if not ddp.main:
+        return {"output": str(out_dir), "steps": step, "rank": ddp.rank, "world": ddp.world, "seconds": elapsed}
+    _atomic_json(log_dir / "training_metrics.json", history)
     # The files the Hugging Face Trainer leaves beside a model, for tools that read them.
     last_train = next((h for h in reversed(history) if "loss" in h), {})
     last_val = next((h for h in reversed(history) if "val_loss" in h), {})
@@ -502,7 +534,7 @@ def train_student(cfg: TrainConfig) -> dict[str, Any]:
     summary = {
         "output": str(out_dir), "final_model": str(final_dir), "best_model": str(best_dir) if best < float("inf") else None,
         "steps": step, "seconds": elapsed, "tokens": total_tokens, "tokens_per_s": total_tokens / max(elapsed, 1e-9),
-        "stopped_early": stopped_early, "best_val_loss": best if best < float("inf") else None,
+        "stopped_early": stopped_early, "best_val_loss": best if best < float("inf") else None, "rank": 0, "world": ddp.world,
         **{k: last.get(k) for k in ("loss", "kd_loss", "ce_loss")},
     }
     log.info("saved %s after %d steps (%.1f s)", final_dir, step, elapsed)

@@ -1,6 +1,7 @@
 """Several processes under torchrun (gloo, CPU): the dump splits blocks between ranks and equals a
 single-process dump."""
 
+import json
 import os
 import subprocess
 import sys
@@ -42,3 +43,26 @@ def test_two_process_dump_refusal_stops_every_rank(models_dir, dataset_file, tmp
     assert _torchrun(args).returncode == 0
     again = _torchrun([a if a != "6" else "5" for a in args])  # other parameters, onto a complete cache
     assert again.returncode != 0 and "already holds a complete cache" in again.stderr
+
+
+def test_two_process_ddp_training_runs_and_saves_once(models_dir, dataset_file, tmp_path):
+    from transformers import AutoModelForSeq2SeqLM
+
+    cache = tmp_path / "cache"
+    assert _torchrun(["dump-teacher", "--model", models_dir["t5_teacher"], "--dataset", dataset_file, "--topk", "6", "--block-size", "5",
+                      "--limit", "23", "--device", "cpu", "--output", str(cache)]).returncode == 0
+    out = tmp_path / "run"
+    r = _torchrun(["train-student", "--cache", str(cache), "--student", models_dir["t5_student"], "--output", str(out), "--batch-size", "2",
+                   "--grad-accum", "1", "--epochs", "1", "--warmup-steps", "0", "--save-steps", "2", "--save-total-limit", "10",
+                   "--log-every", "1", "--device", "cpu"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("saved ") == 1  # one summary, from rank 0
+    # 5 blocks (5, 5, 5, 5, 3 examples) split 3/2 between the ranks; both stop at the smaller share's batches
+    state = json.loads((out / "final_model" / "trainer_state.json").read_text())
+    steps = state["global_step"]
+    assert 4 <= steps <= 6
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == [f"checkpoint-step-{s}" for s in range(2, steps, 2)]  # written once each, by rank 0
+    AutoModelForSeq2SeqLM.from_pretrained(out / "final_model")
+    metrics = [json.loads(line) for line in open(out / "logs" / "training_metrics.jsonl")]
+    assert [m["step"] for m in metrics] == list(range(1, steps + 1))
