@@ -402,7 +402,7 @@ def train_student(cfg: TrainConfig) -> dict[str, Any]:
     for lg in (log, train_log):
         if lg.getEffectiveLevel() > logging.INFO:  # the files record INFO even when the console does not
             lg.setLevel(logging.INFO)
-    metrics_jsonl = (log_dir / "training_metrics.jsonl").open("w") if ddp.main else open(os.devnull, "w")
+    metrics_jsonl = (log_dir / "training_metrics.jsonl").open("w") if ddp.main else open(os.devnull, "w")  # noqa: SIM115
     for h in history:
         metrics_jsonl.write(json.dumps(h) + "\n")
 

@@ -12,6 +12,7 @@ import zarr
 
 from ..errors import KdcacheError
 from . import format as fmt
+from . import storage
 
 
 # Keys of an example dict → the block array each is sliced from.
@@ -52,7 +53,7 @@ class TeacherCache:
     """
 
     def __init__(self, path: str | Path, group: zarr.Group) -> None:
-        self.path = str(path)
+        self.path = storage.location(path)
         self.group = group
         self.meta: dict[str, Any] = dict(group.attrs)
         self._offsets: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -143,13 +144,13 @@ def open_cache(path: str | Path, *, allow_incomplete: bool = False) -> TeacherCa
     Raises KdcacheError (one line: what is wrong, what to do) for a missing path, a foreign Zarr
     group, an unsupported format version, or an incomplete cache (unless ``allow_incomplete``).
     """
-    p = Path(path)
-    if not p.exists():
+    p = storage.location(path)
+    if not storage.exists(p):
         raise KdcacheError(f"no cache at {path}: the path does not exist (run `kdcache dump-teacher --output {path}` first)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # consolidated metadata is not in the v3 spec yet
-            group = zarr.open_group(str(p), mode="r")
+            group = zarr.open_group(p, mode="r")
     except Exception as exc:  # zarr raises several types for "not a group"
         raise KdcacheError(f"{path} is not a Zarr group ({type(exc).__name__}: {exc})") from exc
     attrs = dict(group.attrs)

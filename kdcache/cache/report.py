@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -10,16 +9,14 @@ import numpy as np
 
 from ..errors import KdcacheError
 from . import format as fmt
+from . import storage
 from .reader import TeacherCache, open_cache
 from .writer import HIST_BINS, read_root_attrs, summarize_fidelity
 
 
 def disk_bytes(path: str | Path) -> int:
-    """Bytes of every file under ``path``."""
-    total = 0
-    for root, _, files in os.walk(path):
-        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
-    return total
+    """Bytes of every file (or object) under ``path``."""
+    return storage.size(path)
 
 
 def _block_attrs(cache: TeacherCache) -> list[dict[str, Any] | None]:
@@ -27,7 +24,7 @@ def _block_attrs(cache: TeacherCache) -> list[dict[str, Any] | None]:
     zarr.json, not consolidated metadata, which a partial cache does not have."""
     out = []
     for b in range(cache.num_blocks):
-        attrs = read_root_attrs(Path(cache.path) / fmt.block_name(b))
+        attrs = read_root_attrs(storage.join(cache.path, fmt.block_name(b)))
         out.append(attrs if attrs and attrs.get("complete") else None)
     return out
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ import zarr
 
 from ..errors import KdcacheError
 from . import format as fmt
+from . import storage
 
 # Captured-mass histogram kept per block, so the finalize step can report percentiles without
 # re-reading every target.
@@ -31,31 +30,9 @@ def _now() -> str:
 
 
 def read_root_attrs(path: str | Path) -> dict[str, Any] | None:
-    """The root attributes of a Zarr group at ``path``, or None when there is no group there."""
-    meta = Path(path) / "zarr.json"
-    if not meta.is_file():
-        return None
-    try:
-        return json.loads(meta.read_text()).get("attributes", {})
-    except (OSError, ValueError):
-        return None
-
-
-def _fsync_tree(path: Path) -> None:
-    """Flush every file under ``path`` and the directories themselves to stable storage, so that a
-    block marked complete survives a power loss, not only a killed process."""
-    for root, dirs, files in os.walk(path):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fd = os.open(root, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    """The attributes of the Zarr group at ``path`` (local or URL), or None when there is no group there."""
+    meta = storage.read_json(storage.join(path, "zarr.json"))
+    return None if meta is None else meta.get("attributes", {})
 
 
 def summarize_fidelity(blocks: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -92,10 +69,10 @@ class CacheWriter:
     """
 
     def __init__(self, path: str | Path, meta: dict[str, Any], *, overwrite: bool = False) -> None:
-        self.path = Path(path)
+        self.path = storage.location(path)
         self.meta = dict(meta)
         old = read_root_attrs(self.path)
-        if self.path.exists() and old is None and any(self.path.iterdir()) and not overwrite:
+        if old is None and storage.nonempty_dir(self.path) and not overwrite:
             raise KdcacheError(f"{self.path} exists and is not a kdcache cache; choose another --output or pass --overwrite")
         if old is not None and not overwrite:
             if old.get("format") != fmt.FORMAT:
@@ -111,18 +88,17 @@ class CacheWriter:
             self.meta["created"] = old.get("created", _now())
             self.resumed = True
         else:
-            if self.path.exists():
-                shutil.rmtree(self.path)
+            storage.remove(self.path)
             self.meta["created"] = _now()
             self.meta["complete"] = False
-            root = zarr.open_group(str(self.path), mode="w", attributes=self.meta)
+            root = zarr.open_group(self.path, mode="w", attributes=self.meta)
             root.create_group(fmt.BLOCKS)  # explicit: Zarr v3 has no implicit parent groups
             self.resumed = False
-        self.root = zarr.open_group(str(self.path), mode="r+")
+        self.root = zarr.open_group(self.path, mode="r+")
 
     def block_complete(self, b: int) -> bool:
         """True when block ``b`` was written whole (its ``complete`` attribute is set last)."""
-        attrs = read_root_attrs(self.path / fmt.block_name(b))
+        attrs = read_root_attrs(storage.join(self.path, fmt.block_name(b)))
         return bool(attrs and attrs.get("complete"))
 
     def write_block(
@@ -152,7 +128,7 @@ class CacheWriter:
         n_tok = int(sum(len(x) for x in labels))
         if target_ids.shape != (n_tok, k) or target_logprobs.shape != (n_tok, k) or tail_logprob.shape != (n_tok,):
             raise ValueError("targets do not match the labels' total length")
-        g = zarr.open_group(str(self.path / fmt.block_name(b)), mode="w")
+        g = zarr.open_group(storage.join(self.path, fmt.block_name(b)), mode="w")
         def put(name: str, data: np.ndarray, chunk: int) -> None:
             chunks = (max(1, min(chunk, len(data))),) + data.shape[1:]
             g.create_array(name, data=data, chunks=chunks, compressors=fmt.compressors(name))
@@ -178,7 +154,7 @@ class CacheWriter:
                 "kl_sum": float(kl[np.isfinite(kl)].sum()),
                 "kl_infinite": int((~np.isfinite(kl)).sum()),
             }
-        _fsync_tree(self.path / fmt.block_name(b))
+        storage.flush(storage.join(self.path, fmt.block_name(b)))
         # Written last: a block whose attributes say complete has all its arrays on storage.
         g.attrs.update(
             {
@@ -203,7 +179,7 @@ class CacheWriter:
         hist = np.zeros(HIST_BINS, dtype=np.int64)
         blocks = []
         for b in range(n_blocks):
-            attrs = read_root_attrs(self.path / fmt.block_name(b))
+            attrs = read_root_attrs(storage.join(self.path, fmt.block_name(b)))
             if not attrs or not attrs.get("complete"):
                 raise KdcacheError(f"cannot finalize {self.path}: block {b} is not complete")
             blocks.append(attrs)
@@ -228,5 +204,5 @@ class CacheWriter:
         with warnings.catch_warnings():
             # Consolidated metadata is not in the v3 spec yet; zarr-python reads it and so does kdcache.
             warnings.simplefilter("ignore")
-            zarr.consolidate_metadata(str(self.path))
+            zarr.consolidate_metadata(self.path)
         return dict(self.root.attrs)
