@@ -95,7 +95,9 @@ class CacheStream(torch.utils.data.IterableDataset):
         buffer: list[dict[str, np.ndarray]] = []
         for block in self.cache.iter_blocks(order):
             for j in range(len(block)):
-                buffer.append(block.example(j))
+                # Copies, not views: a view would keep its whole block alive for as long as any of the
+                # block's examples waits in the buffer, and memory would grow with the number of blocks.
+                buffer.append({key: value.copy() for key, value in block.example(j).items()})
                 if len(buffer) >= self.shuffle_buffer:
                     # Swap a random element to the end and pop it: O(1) random draw.
                     r = int(rng.integers(len(buffer)))

@@ -1,6 +1,7 @@
 """train-student: streaming, the loop, refusals, outputs."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -178,3 +179,58 @@ def test_online_teacher_equals_training_on_a_full_vocabulary_cache(models_dir, d
     # Adam moves each weight by at most ~lr per step whatever its gradient, so a near-zero gradient whose
     # sign the float16 targets flip moves up to 3·lr in 3 steps; everything else must agree closely.
     assert diff.max() <= 3 * 1e-3 + 1e-6 and diff.mean() < 1e-5 and (diff > 2e-4).float().mean() < 1e-3
+
+
+def _synthetic_cache(path, n_examples, block=250, length=100, k=64, vocab=4096):
+    """A causal cache of random targets written straight through CacheWriter (no teacher: fast)."""
+    from kdcache.cache import CacheWriter
+    from kdcache.cache import format as fmt
+
+    rng = np.random.default_rng(0)
+    meta = {"format": fmt.FORMAT, "format_version": fmt.FORMAT_VERSION, "task": "causal", "targets": "topk", "k": k,
+            "vocab_size": vocab, "index_dtype": "uint16", "teacher": {"name": "t"}, "dataset": {"name": "d"},
+            "tokenizer": {"fingerprint": "sha256:x", "name": "t", "vocab_size": vocab}, "block_size": block,
+            "num_blocks": -(-n_examples // block), "num_examples": n_examples, "params": {"n": n_examples}}
+    w = CacheWriter(path, meta)
+    for b in range(meta["num_blocks"]):
+        n = min(block, n_examples - b * block)
+        seqs = [rng.integers(0, vocab, length + 1) for _ in range(n)]
+        lp = np.log(rng.dirichlet(np.ones(k + 1), size=n * length)).astype(np.float32)
+        w.write_block(b, b * block, seqs, [s[1:] for s in seqs], rng.integers(0, vocab, (n * length, k)), lp[:, :k], lp[:, k],
+                      np.zeros(n * length))
+    w.finalize()
+
+
+STREAM_PEAK = """
+import sys
+from kdcache.batching import collate
+from kdcache.train import CacheStream
+import torch
+def rss(field):
+    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(field + ':'))
+stream = CacheStream(sys.argv[1], seed=0, shuffle_buffer=256)
+loader = torch.utils.data.DataLoader(stream, batch_size=16, collate_fn=lambda b: collate(b, 'causal', 0))
+base = rss('VmRSS')
+open('/proc/self/clear_refs', 'w').write('5')
+n = sum(int((b['labels'] != -100).sum()) for b in loader)
+print(n, base, rss('VmHWM'))
+"""
+
+
+def test_streaming_memory_is_flat_as_the_cache_grows(tmp_path):
+    """Training memory must not grow with the cache: the stream holds one block and a shuffle buffer.
+    Peak RSS while streaming a cache 10× larger (10× the blocks) stays within 10% (the loop's own
+    memory is most of it; a loader that kept what it read would add ~120 MB here)."""
+    import subprocess
+    import sys
+
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("needs Linux /proc to reset the peak RSS")
+    peaks = {}
+    for n in (500, 5000):
+        _synthetic_cache(tmp_path / f"c{n}", n)
+        out = subprocess.run([sys.executable, "-c", STREAM_PEAK, str(tmp_path / f"c{n}")], capture_output=True, text=True, check=True)
+        tokens, base, peak = map(int, out.stdout.split())
+        assert tokens == n * 100
+        peaks[n] = peak
+    assert peaks[5000] <= 1.10 * peaks[500], peaks
