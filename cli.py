@@ -11,13 +11,23 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
 import kdcache
-from kdcache.config import DTYPES, METRICS, DumpConfig, EvalConfig, TrainConfig, load_config_file, stage_kwargs, write_config_file
+from kdcache.config import (
+    DTYPES,
+    METRICS,
+    DumpConfig,
+    EvalConfig,
+    TrainConfig,
+    load_config_file,
+    stage_kwargs,
+    write_config_file,
+)
 from kdcache.errors import KdcacheError
 
 log = logging.getLogger("kdcache")

@@ -7,16 +7,26 @@ distributions to a Zarr cache; :func:`train_student` trains a student from the c
 
 __version__ = "0.1.0"
 
-from .cache import TeacherCache, inspect_cache, open_cache, verify_cache  # noqa: E402
-from .config import DumpConfig, EvalConfig, TrainConfig  # noqa: E402
-from .dump import dump_teacher  # noqa: E402
-from .errors import KdcacheError  # noqa: E402
+from .cache import TeacherCache, inspect_cache, open_cache, verify_cache
+from .config import DumpConfig, EvalConfig, TrainConfig
+from .dump import dump_teacher
+from .errors import KdcacheError
 
 # Imported last and bound explicitly: the function `evaluate` must win over the submodule of the same name.
-from .evaluate import evaluate  # noqa: E402
-from .train import train_student  # noqa: E402
+from .evaluate import evaluate
+from .train import train_student
 
 __all__ = [
-    "DumpConfig", "EvalConfig", "KdcacheError", "TeacherCache", "TrainConfig",
-    "dump_teacher", "evaluate", "inspect_cache", "open_cache", "train_student", "verify_cache", "__version__",
+    "DumpConfig",
+    "EvalConfig",
+    "KdcacheError",
+    "TeacherCache",
+    "TrainConfig",
+    "__version__",
+    "dump_teacher",
+    "evaluate",
+    "inspect_cache",
+    "open_cache",
+    "train_student",
+    "verify_cache",
 ]

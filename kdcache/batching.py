@@ -11,7 +11,8 @@ Every stage (teacher forward, student training, evaluation) batches through :fun
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch

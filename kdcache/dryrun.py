@@ -24,7 +24,14 @@ log = logging.getLogger("kdcache")
 def build_tokenizer(texts: list[str], family: str, vocab_size: int = 400) -> Any:
     """A byte-level BPE tokenizer as a ``PreTrainedTokenizerFast``: T5 conventions (``<pad>`` 0,
     ``</s>`` 1 appended to every sequence, ``<unk>`` 2) or GPT-2's (``<|endoftext|>`` as BOS/EOS)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     t5 = family == "t5"
@@ -44,7 +51,12 @@ def build_tokenizer(texts: list[str], family: str, vocab_size: int = 400) -> Any
 def tiny_model(tok: Any, family: str, d_model: int, layers: int, seed: int) -> Any:
     """A randomly initialised model of the family; T5's embedding is padded past the tokenizer (as
     t5-small's 32128 rows for 32100 tokens) so that path is exercised too."""
-    from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
 
     torch.manual_seed(seed)
     if family == "t5":
@@ -77,9 +89,8 @@ def dry_run(model: str, command: str) -> dict[str, Any]:
     of ``model``'s family; returns a summary of what ran (nothing is left on disk)."""
     from .dump import dump_teacher
     from .evaluate import evaluate
-    from .train import train_student
-
     from .models import quiet_transformers
+    from .train import train_student
 
     quiet_transformers()
     t0 = time.perf_counter()

@@ -11,14 +11,20 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, distributed
 from .batching import collate, length_grouped_batches, model_inputs
-from . import distributed
 from .cache import CacheWriter
-from .cache.writer import read_root_attrs as zarr_attrs
 from .cache import format as fmt
+from .cache.writer import read_root_attrs as zarr_attrs
 from .config import DumpConfig
-from .data import check_columns, default_text_column, dataset_fingerprint, load_rows, resolve_columns, tokenize
+from .data import (
+    check_columns,
+    dataset_fingerprint,
+    default_text_column,
+    load_rows,
+    resolve_columns,
+    tokenize,
+)
 from .errors import KdcacheError
 from .losses import IGNORE_INDEX
 from .models import (
@@ -52,6 +58,59 @@ def default_prefix(model_type: str, prefix: str | None) -> str:
     return "summarize: " if model_type in T5_FAMILY else ""
 
 
+class HostTargets:
+    """One batch's targets on their way to the host. On CUDA the copies go into pinned buffers without
+    blocking, so the host can handle the previous batch while the GPU computes this one; :meth:`get`
+    waits for this batch's copies (an event, not a device-wide sync) and returns numpy arrays."""
+
+    def __init__(self, tensors: dict[str, Any], device: torch.device) -> None:
+        self.event = None
+        if device.type == "cuda":
+            pinned = {}
+            for key, value in _flat(tensors):
+                buf = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+                buf.copy_(value, non_blocking=True)
+                pinned[key] = buf
+            self.event = torch.cuda.Event()
+            self.event.record()
+            self.tensors = pinned
+        else:
+            self.tensors = dict(_flat(tensors))
+
+    def get(self) -> dict[str, Any]:
+        if self.event is not None:
+            self.event.synchronize()
+        out: dict[str, Any] = {}
+        for key, value in self.tensors.items():
+            head, _, tail = key.partition(".")
+            arr = value.numpy()
+            if tail:
+                out.setdefault(head, {})[tail] = arr
+            else:
+                out[key] = arr
+        return out
+
+
+def _unpack(idx: list[int], pending: HostTargets, examples: list[dict[str, np.ndarray]],
+            per_example: list[Any], fid: list[dict[str, np.ndarray]]) -> int:
+    """Wait for one batch's targets and file them per example (``idx``: the batch's examples in length
+    order); returns the batch's distilled tokens."""
+    out = pending.get()
+    fid.append(out.pop("fidelity"))
+    off = 0
+    for i in idx:  # back from length order to example order
+        m = len(examples[i]["labels"])
+        per_example[i] = {key: arr[off : off + m] for key, arr in out.items()}
+        off += m
+    return off
+
+
+def _flat(tensors: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
+    """{"a": t, "b": {"c": t}} → [("a", t), ("b.c", t)]."""
+    return [(f"{k}.{k2}", v2) for k, v in tensors.items() if isinstance(v, dict) for k2, v2 in v.items()] + \
+        [(k, v) for k, v in tensors.items() if not isinstance(v, dict)]
+
+
 @torch.inference_mode()
 def teacher_targets(
     model: torch.nn.Module,
@@ -67,22 +126,23 @@ def teacher_targets(
     samples: int = 0,
     generator: torch.Generator | None = None,
     logprob_bits: int = 10,
-) -> dict[str, np.ndarray]:
+) -> HostTargets:
     """Teacher forward on one batch → sparse targets for every distilled position, on the host.
 
     Returns ``ids`` (T, slots), ``logprobs`` (T, slots) float32, ``tail`` (T,), ``entropy`` (T,),
     ``captured`` (T,) in the order of the examples' concatenated labels (T = total labels), and
     ``fidelity``: {captured_mass, tvd, kl} (F,) on every FIDELITY_STRIDE-th position (see
     :func:`kdcache.sparse.fidelity`). Log-softmax and top-k run on the device; only these
-    (T, k)-sized tensors cross to the host.
+    (T, k)-sized tensors cross to the host, without a device-wide synchronisation (see HostTargets).
     """
     batch = collate(examples, task, pad_id, decoder_start_id)
     logits = model(**model_inputs(batch, task, device)).logits  # (B, S, V_model)
     # Rows of distilled positions, example-major, in label order: the same order as the labels.
-    mask = (batch["labels"] != IGNORE_INDEX).to(device)
+    # Their flat indices are computed on the host: boolean indexing on the device would wait for the GPU.
+    where = (batch["labels"] != IGNORE_INDEX).flatten().nonzero().squeeze(1).to(device, non_blocking=True)
     # Only the tokenizer's ids are real tokens; padded embedding rows (T5: 32128 vs 32100) are dropped,
     # so teacher and student distributions live on the same vocabulary.
-    rows = logits[..., :vocab_size][mask]
+    rows = logits[..., :vocab_size].flatten(0, 1).index_select(0, where)
     if targets == "topk":
         t = topk_targets(rows, k)
     else:  # "sample" (k = 0 head) or "topk+sample": unbiased estimates, see kdcache.sparse.sampled_targets
@@ -90,14 +150,10 @@ def teacher_targets(
     t.logprobs = round_mantissa(t.logprobs, logprob_bits)  # what the cache will hold, so fidelity measures it
     probe = slice(None, None, FIDELITY_STRIDE)
     sub = type(t)(ids=t.ids[probe], logprobs=t.logprobs[probe], tail=t.tail[probe], entropy=t.entropy[probe], captured=t.captured[probe])
-    return {
-        "fidelity": {key: v.cpu().numpy() for key, v in fidelity(rows[probe], sub).items()},
-        "ids": t.ids.cpu().numpy(),
-        "logprobs": t.logprobs.cpu().numpy(),
-        "tail": t.tail.cpu().numpy(),
-        "entropy": t.entropy.cpu().numpy(),
-        "captured": t.captured.cpu().numpy(),
-    }
+    return HostTargets({
+        "fidelity": fidelity(rows[probe], sub),
+        "ids": t.ids, "logprobs": t.logprobs, "tail": t.tail, "entropy": t.entropy, "captured": t.captured,
+    }, device)
 
 
 def dump_teacher(cfg: DumpConfig) -> dict[str, Any]:
@@ -237,19 +293,20 @@ def dump_teacher(cfg: DumpConfig) -> dict[str, Any]:
             lengths = [len(e["input_ids"]) + len(e["labels"]) for e in examples]
             # Sampling is seeded per block, so a resumed dump draws exactly what an uninterrupted one would.
             gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + b) if cfg.targets != "topk" else None
+
+            # One batch in flight: the host unpacks batch i while the device computes batch i + 1.
+            inflight: tuple[list[int], HostTargets] | None = None
             for idx in length_grouped_batches(lengths, cfg.batch_size):
-                out = teacher_targets(
+                pending_batch = teacher_targets(
                     model, [examples[i] for i in idx], task, k=cfg.topk, vocab_size=vocab,
                     pad_id=tok.pad_token_id, decoder_start_id=decoder_start, device=device,
                     targets=cfg.targets, samples=cfg.samples, generator=gen, logprob_bits=cfg.logprob_bits,
                 )
-                fid.append(out.pop("fidelity"))
-                off = 0
-                for i in idx:  # back from length order to example order
-                    m = len(examples[i]["labels"])
-                    per_example[i] = {key: arr[off : off + m] for key, arr in out.items()}
-                    off += m
-                bar.update(off)
+                if inflight is not None:
+                    bar.update(_unpack(*inflight, examples, per_example, fid))
+                inflight = (idx, pending_batch)
+            if inflight is not None:
+                bar.update(_unpack(*inflight, examples, per_example, fid))
             while len(pending) >= WRITE_AHEAD:
                 pending.pop(0).result()
             pending.append(pool.submit(

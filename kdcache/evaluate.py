@@ -15,10 +15,16 @@ from tqdm.auto import tqdm
 
 from .batching import collate, length_grouped_batches, model_inputs
 from .config import EvalConfig
-from .data import Tokenized, check_columns, default_text_column, load_rows, resolve_columns, tokenize
+from .data import (
+    Tokenized,
+    check_columns,
+    default_text_column,
+    load_rows,
+    resolve_columns,
+    tokenize,
+)
 from .dump import default_prefix
 from .errors import KdcacheError
-from .sandbox import ENV_FLAG, execution_allowed
 from .losses import IGNORE_INDEX, cross_entropy_per_token
 from .models import (
     detect_task,
@@ -28,6 +34,7 @@ from .models import (
     quiet_transformers,
     resolve_device,
 )
+from .sandbox import ENV_FLAG, execution_allowed
 
 log = logging.getLogger("kdcache")
 

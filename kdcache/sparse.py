@@ -144,7 +144,7 @@ def round_mantissa(x: torch.Tensor, bits: int) -> torch.Tensor:
     # truncated value there instead.
     up = ((v + (1 << (drop - 1))) >> drop) << drop
     down = (v >> drop) << drop
-    as_half = lambda u: torch.where(u >= 0x8000, u - 0x10000, u).to(torch.int16).view(torch.float16)  # noqa: E731
+    as_half = lambda u: torch.where(u >= 0x8000, u - 0x10000, u).to(torch.int16).view(torch.float16)
     rounded = torch.where(torch.isfinite(as_half(up)), as_half(up), as_half(down))
     return torch.where(torch.isfinite(x16), rounded, x16).float()
 

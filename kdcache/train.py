@@ -14,20 +14,21 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from . import distributed
 from .batching import collate, model_inputs
 from .cache import TeacherCache, open_cache
 from .config import TrainConfig
 from .errors import KdcacheError
-from . import distributed
 from .losses import distillation_loss
 from .models import (
     detect_task,

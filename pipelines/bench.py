@@ -33,12 +33,17 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python pipelines/bench.py` from anywhere
     sys.path.insert(0, str(REPO))
 
-from kdcache import DumpConfig, dump_teacher, inspect_cache, open_cache  # noqa: E402
-from kdcache.batching import collate, length_grouped_batches, model_inputs  # noqa: E402
-from kdcache import corpora  # noqa: E402
-from kdcache.losses import IGNORE_INDEX, distillation_loss  # noqa: E402
-from kdcache.models import resolve_device  # noqa: E402
-from kdcache.train import CacheStream, online_targets  # noqa: E402
+from kdcache import (
+    DumpConfig,
+    corpora,
+    dump_teacher,
+    inspect_cache,
+    open_cache,
+)
+from kdcache.batching import collate, length_grouped_batches, model_inputs
+from kdcache.losses import IGNORE_INDEX, distillation_loss
+from kdcache.models import resolve_device
+from kdcache.train import CacheStream, online_targets
 
 # (teacher config, student config, vocabulary, task); sizes of the public checkpoints.
 SHAPES: dict[str, dict[str, Any]] = {
@@ -75,7 +80,12 @@ def word_tokenizer(vocab_size: int, family: str) -> Any:
 def build_models(shapes: str, root: Path) -> tuple[str, str, str]:
     """Save a random teacher and student of ``shapes`` with one tokenizer under ``root``; returns
     (teacher dir, student dir, task)."""
-    from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
 
     spec = SHAPES[shapes]
     tok = word_tokenizer(spec["vocab"], spec["family"])

@@ -28,7 +28,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kdcache import DumpConfig, EvalConfig, TrainConfig, dump_teacher, evaluate, train_student
+from kdcache import (
+    DumpConfig,
+    EvalConfig,
+    TrainConfig,
+    dump_teacher,
+    evaluate,
+    train_student,
+)
 
 
 def kdcache_weights(alpha_ce: float) -> dict[str, float]:

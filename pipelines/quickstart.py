@@ -22,7 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+)
 
 from kdcache import DumpConfig, TrainConfig, dump_teacher, open_cache, train_student
 from kdcache.errors import KdcacheError

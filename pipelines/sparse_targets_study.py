@@ -30,7 +30,14 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config
 
-from kdcache import DumpConfig, TrainConfig, dump_teacher, inspect_cache, open_cache, train_student
+from kdcache import (
+    DumpConfig,
+    TrainConfig,
+    dump_teacher,
+    inspect_cache,
+    open_cache,
+    train_student,
+)
 from kdcache.batching import collate, model_inputs
 from kdcache.losses import IGNORE_INDEX, distillation_loss
 from kdcache.train import online_targets
@@ -181,7 +188,7 @@ def table(results: dict[str, Any]) -> str:
         cache = r.get("cache")
         st = results["storage"].get(cache) if cache else None
         fid = st["fidelity"] if st else None
-        angle = lambda when: results["gradient_angles_deg"][when].get("CE only" if name == "CE only" else cache_of.get(name), None)  # noqa: E731
+        angle = lambda when: results["gradient_angles_deg"][when].get("CE only" if name == "CE only" else cache_of.get(name), None)
         cells = [name, f"{r['loss']:.4f}", f"{r['top1_agreement']:.3f}", f"{r['ece']:.4f}",
                  f"{st['bytes_per_token']:.1f}" if st else "–", f"{st['entries_per_token']:.1f}" if st else "–",
                  f"{fid['tvd']:.3f}" if fid else "–",

@@ -22,7 +22,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kdcache import DumpConfig, EvalConfig, TrainConfig, dump_teacher, evaluate, train_student
+from kdcache import (
+    DumpConfig,
+    EvalConfig,
+    TrainConfig,
+    dump_teacher,
+    evaluate,
+    train_student,
+)
 from kdcache.config import FILE_DEFAULTS, load_config_file, stage_kwargs
 
 

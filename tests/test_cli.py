@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_cli as run
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 from cli import main
-from conftest import run_cli as run
 
 REPO = Path(__file__).resolve().parents[1]
 

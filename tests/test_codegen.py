@@ -9,8 +9,8 @@ from pathlib import Path
 
 import datasets
 import pytest
-
 from conftest import _gpt2, _save, _train_tokenizer, run_cli, stdlib_functions
+
 from pipelines import codegpt_codesearchnet as recipe
 
 REPO = Path(__file__).resolve().parents[1]

@@ -3,8 +3,8 @@
 import json
 
 import pytest
-
 from conftest import run_cli
+
 from kdcache.config import FILE_DEFAULTS, TrainConfig, load_config_file, stage_kwargs
 
 

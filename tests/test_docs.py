@@ -13,7 +13,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 def test_cache_format_snippet_reads_a_cache_with_zarr_alone(models_dir, dataset_file, tmp_path, monkeypatch):
     dump_teacher(DumpConfig(model=models_dir["t5_teacher"], dataset=dataset_file, output=str(tmp_path / "teacher_cache"),
                             topk=8, limit=10, block_size=4, device="cpu"))
-    code = re.findall(r"```python\n(.*?)```", (DOCS / "cache-format.md").read_text(), re.S)[0]
+    code = re.findall(r"```python\n(.*?)```", (DOCS / "cache-format.md").read_text(), re.DOTALL)[0]
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
     exec(compile(code, "cache-format.md", "exec"), scope)

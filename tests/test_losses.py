@@ -4,7 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdcache.losses import IGNORE_INDEX, distillation_loss, sparse_kl_per_token, token_mean
+from kdcache.losses import (
+    IGNORE_INDEX,
+    distillation_loss,
+    sparse_kl_per_token,
+    token_mean,
+)
 from kdcache.sparse import topk_targets
 
 
@@ -149,7 +154,7 @@ def test_divergences_are_finite_on_top_k_and_masked_batches(kind):
 def test_fused_kl_ce_equals_autograd_reference_in_value_and_gradient(T, alpha, beta, chunk, monkeypatch):
     """The fused loss writes its own gradient; it must equal autograd through the unfused definition with
     a tail bucket, masked positions, a padded student vocabulary, unused slots, and several chunks."""
-    import kdcache.losses as losses
+    from kdcache import losses
 
     monkeypatch.setattr(losses, "CHUNK_ELEMENTS", chunk)  # 40 columns of vocabulary: `chunk // 40` rows per chunk
     torch.manual_seed(int(T * 10) + chunk)

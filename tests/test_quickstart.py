@@ -3,6 +3,7 @@
 import json
 
 from conftest import run_cli
+
 from pipelines.quickstart import TEACHER
 
 

@@ -13,9 +13,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import run_cli as _cli
-from kdcache import DumpConfig, TrainConfig, dump_teacher, inspect_cache, open_cache, train_student, verify_cache
+
+from kdcache import (
+    DumpConfig,
+    TrainConfig,
+    dump_teacher,
+    inspect_cache,
+    open_cache,
+    train_student,
+    verify_cache,
+)
 from kdcache.errors import KdcacheError
 
 EXE = Path(sys.executable).parent / "kdcache"

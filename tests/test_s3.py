@@ -12,9 +12,18 @@ import zarr
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 
-from kdcache import DumpConfig, TrainConfig, dump_teacher, inspect_cache, open_cache, train_student, verify_cache  # noqa: E402
-from conftest import run_cli  # noqa: E402
-from kdcache.errors import KdcacheError  # noqa: E402
+from conftest import run_cli
+
+from kdcache import (
+    DumpConfig,
+    TrainConfig,
+    dump_teacher,
+    inspect_cache,
+    open_cache,
+    train_student,
+    verify_cache,
+)
+from kdcache.errors import KdcacheError
 
 BUCKET = "kdcache-test"
 

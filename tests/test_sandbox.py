@@ -4,8 +4,8 @@ import json
 from math import comb
 
 import pytest
-
 from conftest import run_cli
+
 from kdcache.humaneval import execute, pass_at_k, problems, truncate
 from kdcache.sandbox import Limits, _pids_cgroup_root, run_program
 

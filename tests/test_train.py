@@ -6,9 +6,9 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import _gpt2, _save, _train_tokenizer
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-from conftest import _gpt2, _save, _train_tokenizer
 from kdcache import DumpConfig, TrainConfig, dump_teacher, train_student
 from kdcache.errors import KdcacheError
 from kdcache.train import CacheStream
@@ -23,7 +23,7 @@ def t5_cache(models_dir, dataset_file, tmp_path_factory):
 
 def test_stream_yields_every_example_once_per_epoch_in_a_seeded_order(t5_cache):
     stream = CacheStream(t5_cache, seed=1, shuffle_buffer=5)
-    key = lambda e: e["input_ids"].tobytes()  # noqa: E731
+    key = lambda e: e["input_ids"].tobytes()
     first = [key(e) for e in stream]
     again = [key(e) for e in CacheStream(t5_cache, seed=1, shuffle_buffer=5)]
     stream.set_epoch(1)

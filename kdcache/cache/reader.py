@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import zarr
@@ -13,7 +14,6 @@ import zarr
 from ..errors import KdcacheError
 from . import format as fmt
 from . import storage
-
 
 # Keys of an example dict → the block array each is sliced from.
 _EXAMPLE_KEYS = {

@@ -8,7 +8,6 @@ same parameters is resumed (complete blocks are kept, any other block is rewritt
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -148,7 +147,7 @@ class CacheWriter:
         if fidelity is not None:
             kl = fidelity["kl"].astype(np.float64)
             extra["fidelity"] = {
-                "positions": int(len(kl)),
+                "positions": len(kl),
                 "captured_sum": float(fidelity["captured_mass"].astype(np.float64).sum()),
                 "tvd_sum": float(fidelity["tvd"].astype(np.float64).sum()),
                 "kl_sum": float(kl[np.isfinite(kl)].sum()),
