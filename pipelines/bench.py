@@ -116,11 +116,11 @@ def forward_loop(teacher_dir: str, cache_path: str, task: str, device: torch.dev
     model = load_model(teacher_dir, task, dtype=dtype).to(device).eval()
     cache = open_cache(cache_path)
     examples = [{k: v for k, v in cache[i].items() if k in ("input_ids", "labels")} for i in range(len(cache))]
-    pad = 0
-    batches = [collate([examples[i] for i in idx], task, pad, 0 if task == "seq2seq" else None)
-               for b0 in range(0, len(examples), cache.meta["block_size"])
-               for idx in (lambda blk: [[b0 + j for j in g] for g in length_grouped_batches(
-                   [len(e["input_ids"]) + len(e["labels"]) for e in blk], batch_size)])(examples[b0 : b0 + cache.meta["block_size"]])]
+    batches = []
+    for b0 in range(0, len(examples), cache.block_size):  # as dump-teacher batches: by length within each block
+        blk = examples[b0 : b0 + cache.block_size]
+        for group in length_grouped_batches([len(e["input_ids"]) + len(e["labels"]) for e in blk], batch_size):
+            batches.append(collate([blk[j] for j in group], task, 0, 0 if task == "seq2seq" else None))
     with torch.inference_mode():
         model(**model_inputs(batches[0], task, device))  # warm-up
         _sync(device)

@@ -48,3 +48,20 @@ def test_sparse_targets_study_runs_end_to_end(tmp_path, monkeypatch):
     for angles in res["gradient_angles_deg"].values():
         assert all(0 <= a <= 180 for a in angles.values()) and set(angles) == {"CE only", *sparse_targets_study.CACHES}
     assert (tmp_path / "results.md").read_text().count("\n") == len(res["rows"]) + 2
+
+
+def test_bench_quick_writes_every_key(tmp_path):
+    """The benchmark at a toy size: it runs, and its JSON has the keys users and CI read (the values are
+    measurements of a shared machine, so only their sanity is asserted, never a speed)."""
+    from pipelines import bench
+
+    out = tmp_path / "bench.json"
+    bench.main(["--quick", "--examples", "48", "--steps", "2", "--device", "cpu", "--json", str(out)])
+    r = json.loads(out.read_text())
+    keys = ("device", "dump_tokens_per_s", "forward_tokens_per_s", "dump_vs_forward", "kd_step_s", "ce_step_s", "kd_vs_ce_step",
+            "online_kd_step_s", "online_vs_offline_step", "kd_vs_ce_peak_memory", "loader_tokens_per_s", "bytes_per_token")
+    for key in keys:
+        assert key in r, key
+    assert all(r[k] > 0 for k in keys if k != "device")
+    assert r["dump_vs_forward"] == r["dump_tokens_per_s"] / r["forward_tokens_per_s"]
+    assert r["bytes_per_token"] > 64 * 2  # 64 ids of 2 bytes at least, before the log-probs
