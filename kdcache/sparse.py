@@ -35,6 +35,16 @@ class SparseTargets:
     captured: torch.Tensor
 
 
+def _entropy(probs: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """-Σ p log p per row (N,), as one batched dot product (a single pass; a product, NaN guard and sum
+    would be three). Rows with -inf log-probs (masked vocabulary) give NaN there and are redone safely."""
+    h = -(probs.unsqueeze(-2) @ logp.unsqueeze(-1)).view(-1)
+    bad = ~torch.isfinite(h)
+    if bool(bad.any()):
+        h[bad] = -torch.where(probs[bad] > 0, probs[bad] * logp[bad], 0.0).sum(-1)
+    return h
+
+
 @torch.no_grad()
 def topk_targets(logits: torch.Tensor, k: int, row_chunk: int = 1024) -> SparseTargets:
     """Exact top-k of ``log_softmax(logits)`` plus the tail bucket, computed on ``logits``' device.
@@ -51,11 +61,12 @@ def topk_targets(logits: torch.Tensor, k: int, row_chunk: int = 1024) -> SparseT
     parts: list[tuple[torch.Tensor, ...]] = []
     for start in range(0, max(n, 1), row_chunk):
         logp = torch.log_softmax(logits[start : start + row_chunk].float(), dim=-1)
-        entropy = -(logp.exp() * logp).nan_to_num(0.0).sum(-1)
+        probs = logp.exp()
+        entropy = _entropy(probs, logp)
         top_lp, top_ids = logp.topk(k, dim=-1)
-        # The tail as a logsumexp over the remaining entries, not log(1 - sum(top)): when the
-        # head holds nearly all the mass, 1 - sum in float32 is mostly rounding error.
-        tail = torch.logsumexp(logp.scatter_(-1, top_ids, float("-inf")), dim=-1)
+        # The tail as the sum of the remaining probabilities, not 1 - sum(top): when the head holds
+        # nearly all the mass, 1 - sum in float32 is mostly rounding error. (In place: probs is done.)
+        tail = probs.scatter_(-1, top_ids, 0.0).sum(-1).log()
         parts.append((top_ids, top_lp, tail, entropy, top_lp.exp().sum(-1)))
     ids, lps, tails, ents, caps = (torch.cat(p) for p in zip(*parts))
     return SparseTargets(ids=ids, logprobs=lps, tail=tails, entropy=ents, captured=caps)
@@ -108,7 +119,7 @@ def sampled_targets(
     parts: list[tuple[torch.Tensor, ...]] = []
     for start in range(0, max(n, 1), row_chunk):
         logp = torch.log_softmax(logits[start : start + row_chunk].float(), dim=-1)
-        entropy = -(logp.exp() * logp).nan_to_num(0.0).sum(-1)
+        entropy = _entropy(logp.exp(), logp)
         rows = logp.shape[0]
         if k_head:
             head_lp, head_ids = logp.topk(k_head, dim=-1)

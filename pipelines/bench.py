@@ -131,10 +131,10 @@ def forward_loop(teacher_dir: str, cache_path: str, task: str, device: torch.dev
     return sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches) / (time.perf_counter() - t)
 
 
-def _step_fn(kind: str, student: Any, teacher: Any, task: str, device: torch.device, vocab: int) -> Any:
+def _step_fn(kind: str, student: Any, teacher: Any, task: str, device: torch.device, vocab: int, temperature: float = 4.0) -> Any:
     """One optimizer step of ``kind``: "ce" (plain fine-tuning: the model's logits, F.cross_entropy),
-    "kd" (kdcache's offline loss at its defaults T=4, alpha=0.7, beta=0.3) or "online" (the teacher's
-    forward on the batch, then the same loss on its full distribution)."""
+    "kd" (kdcache's offline loss, alpha=0.7, beta=0.3, at ``temperature``: kdcache's default is 4) or
+    "online" (the teacher's forward on the batch, then the same loss on its full distribution)."""
     opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
 
     def step(batch: dict[str, torch.Tensor]) -> None:
@@ -147,7 +147,7 @@ def _step_fn(kind: str, student: Any, teacher: Any, task: str, device: torch.dev
                 ids, lp, tail = online_targets(teacher, batch, task, device, vocab)
             else:
                 ids, lp, tail = (batch[k].to(device, non_blocking=True) for k in ("target_ids", "target_logprobs", "tail_logprob"))
-            loss = distillation_loss(logits, labels, ids, lp, tail, alpha=0.7, beta=0.3, temperature=4.0, vocab_size=vocab).loss
+            loss = distillation_loss(logits, labels, ids, lp, tail, alpha=0.7, beta=0.3, temperature=temperature, vocab_size=vocab).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -162,7 +162,7 @@ def _batches(cache_path: str, task: str, batch_size: int, n: int) -> list[dict[s
 
 
 def step_times(student_dir: str, teacher_dir: str, cache_path: str, task: str, device: torch.device, batch_size: int,
-               steps: int) -> dict[str, float]:
+               steps: int, temperature: float = 4.0) -> dict[str, float]:
     """Median seconds per optimizer step for ce, kd and online, on the same batches, interleaved round
     by round so a noisy neighbour slows all three alike."""
     from kdcache.models import load_model
@@ -173,7 +173,7 @@ def step_times(student_dir: str, teacher_dir: str, cache_path: str, task: str, d
     fns = {}
     for kind in ("ce", "kd", "online"):
         student = load_model(student_dir, task, dtype=torch.float32).to(device).train()
-        fns[kind] = _step_fn(kind, student, teacher, task, device, vocab)
+        fns[kind] = _step_fn(kind, student, teacher, task, device, vocab, temperature)
         fns[kind](batches[0])  # warm-up (optimizer state, kernels)
     times: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(steps):
@@ -194,7 +194,7 @@ def _rss_kib(field: str) -> int:
 
 
 def _peak_child(kind: str, student_dir: str, teacher_dir: str, cache_path: str, task: str, device_name: str, batch_size: int,
-                q: Any) -> None:
+                temperature: float, q: Any) -> None:
     """In a fresh process: the peak memory of three steps of ``kind`` above what loading took."""
     from kdcache.models import load_model
 
@@ -204,7 +204,7 @@ def _peak_child(kind: str, student_dir: str, teacher_dir: str, cache_path: str, 
     batches = _batches(cache_path, task, batch_size, 3)
     student = load_model(student_dir, task, dtype=torch.float32).to(device).train()
     teacher = load_model(teacher_dir, task, dtype=torch.float32).to(device).eval() if kind == "online" else None
-    fn = _step_fn(kind, student, teacher, task, device, vocab)
+    fn = _step_fn(kind, student, teacher, task, device, vocab, temperature)
     if device.type == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -258,8 +258,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                           block_size=max(args.batch_size, examples // 4), device=str(device), output=cache,
                                           dtype="bf16" if dtype == torch.bfloat16 else "fp32", **data))
         forward = forward_loop(teacher, cache, task, device, args.batch_size, dtype)
-        st = step_times(student, teacher, cache, task, device, args.train_batch_size, steps)
-        mem = {k: peak_memory(k, student, teacher, cache, task, str(device), args.train_batch_size) for k in ("ce", "kd")}
+        st = step_times(student, teacher, cache, task, device, args.train_batch_size, steps, args.temperature)
+        mem = {k: peak_memory(k, student, teacher, cache, task, str(device), args.train_batch_size, args.temperature) for k in ("ce", "kd")}
         loader = loader_speed(cache, task, args.train_batch_size, device)
         info = inspect_cache(cache)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
@@ -271,7 +271,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "online_kd_step_s": st["online"], "online_vs_offline_step": st["online"] / st["kd"],
         "kd_peak_memory_bytes": mem["kd"], "ce_peak_memory_bytes": mem["ce"], "kd_vs_ce_peak_memory": mem["kd"] / mem["ce"],
         "loader_tokens_per_s": loader, "bytes_per_token": info["bytes_per_token"],
-        "train_batch_size": args.train_batch_size, "steps_timed": steps,
+        "train_batch_size": args.train_batch_size, "steps_timed": steps, "temperature": args.temperature,
     }
 
 
@@ -279,7 +279,7 @@ def table(r: dict[str, Any]) -> str:
     rows = [
         ("device", r["device"]), ("shapes", f"{r['shapes']} ({r['task']}), {r['distilled_tokens']:,} distilled tokens, top-{r['topk']}"),
         ("dump", f"{r['dump_tokens_per_s']:,.0f} tok/s = {r['dump_vs_forward']:.2f} × bare teacher forward ({r['forward_tokens_per_s']:,.0f} tok/s)"),
-        ("offline KD step", f"{r['kd_step_s'] * 1e3:.1f} ms = {r['kd_vs_ce_step']:.2f} × CE-only step ({r['ce_step_s'] * 1e3:.1f} ms)"),
+        ("offline KD step", f"{r['kd_step_s'] * 1e3:.1f} ms = {r['kd_vs_ce_step']:.2f} × CE-only step ({r['ce_step_s'] * 1e3:.1f} ms), T={r['temperature']:g}"),
         ("online KD step", f"{r['online_kd_step_s'] * 1e3:.1f} ms = {r['online_vs_offline_step']:.2f} × offline KD step"),
         ("peak memory", f"KD {r['kd_peak_memory_bytes'] / 2**20:.1f} MiB = {r['kd_vs_ce_peak_memory']:.2f} × CE-only ({r['ce_peak_memory_bytes'] / 2**20:.1f} MiB)"),
         ("loader", f"{r['loader_tokens_per_s']:,.0f} tok/s"),
@@ -299,6 +299,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--batch-size", type=int, default=32, help="teacher batch size of the dump")
     ap.add_argument("--train-batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=4.0, help="KD temperature of the timed steps (kdcache's default: 4; 1 shares one softmax with CE)")
     ap.add_argument("--json", help="also write the results as one JSON object to this file")
     args = ap.parse_args(argv)
     results = run(args)
