@@ -174,16 +174,35 @@ class _FusedKLCE(torch.autograd.Function):
             keep = lab != IGNORE_INDEX
             if not bool(keep.any()):
                 continue
+            # Softmaxes from one exp pass each (log_softmax and then exp would take two), kept unnormalised:
+            # the normalisation, the loss weights and the 1/tokens scale are folded into one per-row factor
+            # applied in a single pass. Log-probs are needed only at gathered ids, where z - max - log(sum)
+            # gives them exactly. With float32 logits the last buffer is the gradient's own rows.
             z = z_all[s : s + rows, :vocab_size].float()
-            logp = torch.log_softmax(z, dim=-1)
+            zm = z - z.amax(-1, keepdim=True)
+            f = (keep.float() * scale).unsqueeze(-1)  # (rows, 1): masked rows get no gradient
+            out = grad[s : s + rows, :vocab_size] if grad.dtype == torch.float32 else None
             safe = lab.clamp(min=0).unsqueeze(-1)
-            ce_sum += torch.where(keep, -logp.gather(-1, safe).squeeze(-1), 0.0).sum()
+            z_lab = zm.gather(-1, safe)
+            tempered = bool(alpha) and temperature != 1.0
+            if beta or not tempered:
+                p_un = torch.exp(zm, out=None if tempered else out)
+                z_sum = p_un.sum(-1, keepdim=True)
+            else:  # CE is reported but not trained on: no buffer for it
+                z_sum = torch.logsumexp(zm, -1, keepdim=True).exp()
+            ce_sum += torch.where(keep, (z_sum.log() - z_lab).squeeze(-1), 0.0).sum()
             if alpha:
-                logq = logp if temperature == 1.0 else torch.log_softmax(z / temperature, dim=-1)
                 ids = ids_all[s : s + rows]
+                if tempered:
+                    zm.div_(temperature)  # (z - max) / T: zm is not needed any more
+                    zt_ent = zm.gather(-1, ids)
+                    q_un = torch.exp(zm, out=out)
+                    q_sum = q_un.sum(-1, keepdim=True)
+                    q_ent = zt_ent - q_sum.log()
+                else:
+                    q_un, q_sum, q_ent = p_un, z_sum, zm.gather(-1, ids) - z_sum.log()
                 p, p_tail = retemper(lp_all[s : s + rows].float(), tail_all[s : s + rows].float(), temperature, vocab_size)
                 used = torch.isfinite(p)
-                q_ent = logq.gather(-1, ids)
                 q_mass = torch.where(used, q_ent.exp(), 0.0).sum(-1)
                 q_tail = (1.0 - q_mass).clamp(min=1e-6)  # as in _buckets: finite when the entries hold everything
                 pe = torch.where(used, p.exp(), 0.0)
@@ -192,22 +211,21 @@ class _FusedKLCE(torch.autograd.Function):
                 kl = (pe * torch.where(used, p - q_ent, 0.0)).sum(-1) + torch.where(has_tail, pt * (p_tail - q_tail.log()), 0.0)
                 kd_sum += torch.where(keep, kl, 0.0).sum()
                 r = (pt / q_tail).unsqueeze(-1)
-                # The gradient is built in place in the log-softmax buffers: q·(w·(1 - r)) everywhere, then the
-                # named ids (not in the tail) get back w·q·r and lose w·p.
-                named = torch.where(used, w * (q_ent.exp() * r - pe), 0.0)
-                if temperature == 1.0:
-                    g = logp.exp_().mul_(w * (1.0 - r) + beta)  # softmax(z) serves KD and CE alike
-                else:
-                    g = logq.exp_().mul_(w * (1.0 - r))
+                # q·w·(1 - r) everywhere, then the named ids (not in the tail) get back w·q·r and lose w·p.
+                named = torch.where(used, w * (q_ent.exp() * r - pe), 0.0) * f
+                if tempered:
+                    g = q_un.mul_(w * (1.0 - r) / q_sum * f)
                     if beta:
-                        g.add_(logp.exp_(), alpha=beta)
+                        g.addcmul_(p_un, beta * f / z_sum)
+                else:
+                    g = q_un.mul_((w * (1.0 - r) + beta) / q_sum * f)  # softmax(z) serves KD and CE alike
                 g.scatter_add_(-1, ids, named)
             else:
-                g = logp.exp_().mul_(beta)
+                g = p_un.mul_(beta * f / z_sum)
             if beta:
-                g.scatter_add_(-1, safe, torch.full_like(safe, -beta, dtype=g.dtype))
-            g.mul_((keep.float() * scale).unsqueeze(-1))
-            grad[s : s + rows, :vocab_size] = g
+                g.scatter_add_(-1, safe, (-beta * f).to(g.dtype))
+            if g is not out:
+                grad[s : s + rows, :vocab_size] = g
         ctx.save_for_backward(grad)
         ctx.shape = logits.shape
         kd = kd_sum * scale * temperature**2

@@ -245,7 +245,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     shapes = args.shapes or ("tiny" if device.type == "cpu" else "t5")
     examples = args.examples or (192 if args.quick else 2048)
-    steps = args.steps or (6 if args.quick else 30)
+    steps = args.steps or (15 if args.quick else 30)
     dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     with tempfile.TemporaryDirectory(prefix="kdcache-bench-") as tmp:
         root = Path(tmp)

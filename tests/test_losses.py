@@ -150,7 +150,8 @@ def test_divergences_are_finite_on_top_k_and_masked_batches(kind):
     assert torch.isfinite(parts.loss) and parts.loss > 0 and torch.isfinite(student.grad).all()
 
 
-@pytest.mark.parametrize("T, alpha, beta, chunk", [(1.0, 0.9, 0.1, 1 << 26), (2.5, 0.7, 0.3, 7 * 40), (1.0, 1.0, 0.0, 40), (3.0, 0.0, 1.0, 40)])
+@pytest.mark.parametrize("T, alpha, beta, chunk", [(1.0, 0.9, 0.1, 1 << 26), (2.5, 0.7, 0.3, 7 * 40), (1.0, 1.0, 0.0, 40),
+                                                   (2.0, 1.0, 0.0, 40), (3.0, 0.0, 1.0, 40)])
 def test_fused_kl_ce_equals_autograd_reference_in_value_and_gradient(T, alpha, beta, chunk, monkeypatch):
     """The fused loss writes its own gradient; it must equal autograd through the unfused definition with
     a tail bucket, masked positions, a padded student vocabulary, unused slots, and several chunks."""
@@ -183,3 +184,23 @@ def test_fused_kl_ce_equals_autograd_reference_in_value_and_gradient(T, alpha, b
         torch.testing.assert_close(parts.kd, kd.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fused_grad, ref.grad, rtol=1e-4, atol=1e-7)
     assert (fused_grad[..., V:] == 0).all() and (fused_grad[2] == 0).all()
+
+
+def test_fused_loss_with_bfloat16_logits_matches_float32():
+    """Autocast gives bf16 logits: the gradient is then written in bf16 (the logits' dtype), computed in float32."""
+    torch.manual_seed(7)
+    B, S, V, k = 2, 5, 30, 4
+    teacher = torch.randn(B, S, V) * 2
+    base = torch.randn(B, S, V) * 2
+    labels = torch.randint(0, V, (B, S))
+    ids, lp, tail = _targets(teacher, k)
+    grads, losses = [], []
+    for dtype in (torch.float32, torch.bfloat16):
+        x = base.clone().to(dtype).requires_grad_()
+        parts = distillation_loss(x, labels, ids, lp, tail, alpha=0.7, beta=0.3, temperature=2.0, vocab_size=V)
+        parts.loss.backward()
+        assert x.grad.dtype == dtype
+        grads.append(x.grad.float())
+        losses.append(parts.loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], rtol=2e-2, atol=1e-2)
+    torch.testing.assert_close(grads[1], grads[0], rtol=3e-2, atol=3e-4)
