@@ -429,7 +429,7 @@ def train_student(cfg: TrainConfig) -> dict[str, Any]:
     stopped_early = False
     grad_norm = 0.0
     try:
-        with tqdm(total=total_steps, initial=step, desc="train-student", unit="step", disable=None) as bar:
+        with tqdm(total=total_steps, initial=step, desc="train-student", unit="step", disable=None if ddp.main else True) as bar:
             for epoch in range(start_epoch, epochs):
                 stream.set_epoch(epoch)
                 n_micro = batches_in(epoch)
