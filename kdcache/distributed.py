@@ -34,6 +34,14 @@ class Dist:
         if self.active:
             dist.barrier()
 
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order, on every rank ([obj] in a single process)."""
+        if not self.active:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
     def agree(self, error: str | None) -> None:
         """Every rank reports whether its part succeeded; if any failed, every rank raises the first
         error, so no rank is left waiting at a barrier for one that gave up."""

@@ -172,8 +172,12 @@ def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
+def _torch_rng() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
 def save_checkpoint(ckpt_dir: Path, step: int, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any,
-                    scaler: Any, state: dict[str, Any], keep: int) -> Path:
+                    scaler: Any, state: dict[str, Any], keep: int, rank_rngs: list[dict[str, Any]] | None = None) -> Path:
     """Write ``checkpoint-step-N/`` (model as safetensors, optimizer, scheduler, scaler, RNG states,
     trainer state with the data position) into a temporary folder, rename it into place, then drop
     the oldest checkpoints beyond ``keep``."""
@@ -190,6 +194,11 @@ def save_checkpoint(ckpt_dir: Path, step: int, model: Any, tokenizer: Any, optim
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save(rng, tmp / "rng_state.pt")
+    # Under DDP each rank's dropout draws from its own torch generator, which has run ahead by its own
+    # batches' sizes: rank r resumes from rank_rngs[r], or its masks (and the weights) would differ.
+    for r, rank_rng in enumerate(rank_rngs or []):
+        if r:
+            torch.save(rank_rng, tmp / f"rng_state_rank{r}.pt")
     np_state = np.random.get_state()
     _atomic_json(tmp / "trainer_state.json", {
         **state, "python_rng": [list(random.getstate()[1]), random.getstate()[0], random.getstate()[2]],
@@ -202,7 +211,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, model: Any, tokenizer: Any, optim
     return target
 
 
-def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, scaler: Any) -> dict[str, Any]:
+def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, scaler: Any, rank: int = 0) -> dict[str, Any]:
     """Restore a checkpoint in place; returns its trainer state. Tensors are loaded with
     ``weights_only=True``: a checkpoint is data, never code."""
     # transformers' own loader knows which weights are tied (and stored once); copy its result in.
@@ -221,6 +230,11 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, scal
     random.setstate((py[1], tuple(py[0]), py[2]))
     npr = state.pop("numpy_rng")
     np.random.set_state((npr[0], np.asarray(npr[1], dtype=np.uint32), int(npr[2]), int(npr[3]), npr[4]))
+    if rank and (path / f"rng_state_rank{rank}.pt").exists():
+        own = torch.load(path / f"rng_state_rank{rank}.pt", weights_only=True)
+        torch.set_rng_state(own["torch"])
+        if own["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(own["cuda"])
     return state
 
 
@@ -386,7 +400,7 @@ def train_student(cfg: TrainConfig) -> dict[str, Any]:
     step, start_epoch, skip_micro = 0, 0, 0
     best, bad_evals, history = float("inf"), 0, []
     if cfg.resume:
-        state = load_checkpoint(checkpoints[-1][1], model, optimizer, scheduler, scaler)
+        state = load_checkpoint(checkpoints[-1][1], model, optimizer, scheduler, scaler, rank=ddp.rank)
         step, start_epoch, skip_micro = state["step"], state["epoch"], state["micro_in_epoch"]
         best, bad_evals = state["best_val_loss"], state["evals_without_improvement"]
         history = [h for h in state["log_history"] if h["step"] <= step]
@@ -494,12 +508,15 @@ def train_student(cfg: TrainConfig) -> dict[str, Any]:
                             if cfg.patience and bad_evals >= cfg.patience:
                                 log.info("early stopping at step %d: %d evaluations without improvement", step, bad_evals)
                                 stopped_early = True
-                    if step % cfg.save_steps == 0 and step < total_steps and not stopped_early and ddp.main:
-                        state = {"step": step, "epoch": epoch + (micro + 1 == n_micro), "micro_in_epoch": 0 if micro + 1 == n_micro else micro + 1,
-                                 "best_val_loss": best, "evals_without_improvement": bad_evals, "log_history": history,
-                                 "config": cfg.to_dict()}
-                        path = save_checkpoint(ckpt_dir, step, model, tok, optimizer, scheduler, scaler, state, cfg.save_total_limit)
-                        log.info("saved %s", path)
+                    if step % cfg.save_steps == 0 and step < total_steps and not stopped_early:
+                        rank_rngs = ddp.gather(_torch_rng()) if ddp.active else None  # every rank takes part
+                        if ddp.main:
+                            state = {"step": step, "epoch": epoch + (micro + 1 == n_micro),
+                                     "micro_in_epoch": 0 if micro + 1 == n_micro else micro + 1, "best_val_loss": best,
+                                     "evals_without_improvement": bad_evals, "log_history": history, "config": cfg.to_dict()}
+                            path = save_checkpoint(ckpt_dir, step, model, tok, optimizer, scheduler, scaler, state,
+                                                   cfg.save_total_limit, rank_rngs)
+                            log.info("saved %s", path)
                     if step >= total_steps or stopped_early:
                         break
                 if step >= total_steps or stopped_early:

@@ -66,3 +66,21 @@ def test_two_process_ddp_training_runs_and_saves_once(models_dir, dataset_file, 
     AutoModelForSeq2SeqLM.from_pretrained(out / "final_model")
     metrics = [json.loads(line) for line in open(out / "logs" / "training_metrics.jsonl")]
     assert [m["step"] for m in metrics] == list(range(1, steps + 1))
+
+    # An interrupted DDP run resumed under torchrun ends where the uninterrupted one did, weight for weight.
+    import shutil
+
+    import torch
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed)
+    shutil.rmtree(resumed / "final_model")
+    for ckpt in sorted((resumed / "checkpoints").iterdir())[1:]:  # keep only checkpoint-step-2
+        shutil.rmtree(ckpt)
+    args = [a if a != str(out) else str(resumed) for a in r.args[r.args.index("train-student"):]]
+    again = _torchrun([*args, "--resume"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    a = AutoModelForSeq2SeqLM.from_pretrained(out / "final_model").state_dict()
+    b = AutoModelForSeq2SeqLM.from_pretrained(resumed / "final_model").state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
