@@ -252,7 +252,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         teacher, student, task = build_models(shapes, root)
         cache = str(root / "cache")
         # causal: every next token of code; seq2seq: code → its docstring (the built-in pairs)
-        data = {"dataset": "builtin:python-code", "text_column": "text"} if task == "causal" else {"dataset": "builtin:python-docstrings"}
+        data = {"dataset": "builtin:python-code", "text_column": "text"} if task == "causal" else {"dataset": "builtin:python-docstrings", "input_column": "code",
+                                                                                                     "target_column": "docstring"}
         summary = dump_teacher(DumpConfig(model=teacher, split="train", limit=examples, topk=args.topk, max_input_length=args.max_length,
                                           max_target_length=args.max_length, batch_size=args.batch_size,
                                           block_size=max(args.batch_size, examples // 4), device=str(device), output=cache,
